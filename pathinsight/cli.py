@@ -13,6 +13,8 @@ __all__ = ['COMMANDS', 'command_parser', 'load_command', 'main', 'cli']
 # %% ../nbs/90_cli.ipynb 5
 COMMANDS = {  # subcommand: (module:function, one-line help)
     "synth": ("pathinsight.synth:synth_cmd", "write the embedded synthetic H&E dataset"),
+    "export": ("pathinsight.chatml:export_cmd", "export a built dataset as instruction data (llava, qwen-vl, ixc2, sharegpt, messages)"),
+    "serve": ("pathinsight.app:serve_cmd", "serve a Gradio chat app for a model (or two side by side)"),
 }
 
 # %% ../nbs/90_cli.ipynb 7
