@@ -66,8 +66,9 @@ def model_answerer(model_dir: str,  # a saved model + processor directory (e.g. 
                    max_new_tokens: int = 64,  # answer length limit
                   ) -> Answerer:
     "An answerer function backed by the model saved in `model_dir`."
-    from pathinsight.infer import load_for_inference, ask
-    model, processor = load_for_inference(model_dir)
+    from pathinsight.models import load_trained
+    from pathinsight.infer import ask
+    model, processor, _ = load_trained(model_dir)
     return lambda image, question: ask(model, processor, image, question, max_new_tokens=max_new_tokens)
 
 def serve_cmd(model: str,  # model directory to serve

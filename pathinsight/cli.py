@@ -13,7 +13,15 @@ __all__ = ['COMMANDS', 'command_parser', 'load_command', 'main', 'cli']
 # %% ../nbs/90_cli.ipynb 5
 COMMANDS = {  # subcommand: (module:function, one-line help)
     "synth": ("pathinsight.synth:synth_cmd", "write the embedded synthetic H&E dataset"),
+    "clip-filter": ("pathinsight.clip:clip_filter_cmd", "keep the best-matched image-caption pairs (and H&E images) with a CLIP model"),
+    "zeroshot": ("pathinsight.clip:zeroshot_cmd", "zero-shot CLIP classification baseline predictions for a built dataset"),
     "export": ("pathinsight.chatml:export_cmd", "export a built dataset as instruction data (llava, qwen-vl, ixc2, sharegpt, messages)"),
+    "eval": ("pathinsight.evaluate:eval_cmd", "generate answers with a saved model and score them against a built dataset"),
+    "score": ("pathinsight.evaluate:score_cmd", "score a predictions file against reference records"),
+    "table": ("pathinsight.evaluate:table_cmd", "results table (the paper's Table 2) of scored runs: markdown, CSV, LaTeX"),
+    "gallery": ("pathinsight.gallery:gallery_cmd", "figure of images with questions, references and each run's answers"),
+    "review": ("pathinsight.gallery:review_cmd", "blinded A/B review sheet (HTML + CSV) of two runs for pathologists"),
+    "review-score": ("pathinsight.gallery:review_score_cmd", "aggregate filled review sheets into per-model scores"),
     "serve": ("pathinsight.app:serve_cmd", "serve a Gradio chat app for a model (or two side by side)"),
 }
 
