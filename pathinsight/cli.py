@@ -11,8 +11,10 @@ from .core import PathinsightError
 __all__ = ['COMMANDS', 'command_parser', 'load_command', 'main', 'cli']
 
 # %% ../nbs/90_cli.ipynb 5
-COMMANDS = {  # subcommand: (module:function, one-line help)
+COMMANDS = {  # subcommand: (module:function, one-line help[, parameters taken as optional positionals])
+    "demo": ("pathinsight.demo:demo_cmd", "run the whole pipeline on the synthetic data, end to end, and write report.md"),
     "synth": ("pathinsight.synth:synth_cmd", "write the embedded synthetic H&E dataset"),
+    "build": ("pathinsight.build:build_cmd", "build PathEnhanceDS from native-format sources (default: the synthetic data)", ("config",)),
     "clip-filter": ("pathinsight.clip:clip_filter_cmd", "keep the best-matched image-caption pairs (and H&E images) with a CLIP model"),
     "zeroshot": ("pathinsight.clip:zeroshot_cmd", "zero-shot CLIP classification baseline predictions for a built dataset"),
     "export": ("pathinsight.chatml:export_cmd", "export a built dataset as instruction data (llava, qwen-vl, ixc2, sharegpt, messages)"),
@@ -38,14 +40,16 @@ def _param_type(p: inspect.Parameter):
     if p.default is not inspect.Parameter.empty and p.default is not None: return type(p.default)
     return str
 
-def command_parser(func, prog: str) -> argparse.ArgumentParser:
+def command_parser(func, prog: str, optional_positionals: tuple = ()) -> argparse.ArgumentParser:
     "An argparse parser for `func` built from its signature and docments comments."
     from fastcore.docments import docments
     docs = docments(func)
     ap = argparse.ArgumentParser(prog=prog, description=(inspect.getdoc(func) or "").splitlines()[0])
     for name, p in inspect.signature(func).parameters.items():
         help_, typ, flag = docs.get(name) or "", _param_type(p), "--" + name.replace("_", "-")
-        if p.default is inspect.Parameter.empty:
+        if name in optional_positionals:
+            ap.add_argument(name, type=typ, nargs="?", default=p.default, help=f"{help_} (optional)")
+        elif p.default is inspect.Parameter.empty:
             ap.add_argument(name, type=typ if typ is not list else str, nargs="+" if typ is list else None, help=help_)
         elif typ is bool and not p.default:
             ap.add_argument(flag, dest=name, action="store_true", help=help_)
@@ -61,7 +65,7 @@ def command_parser(func, prog: str) -> argparse.ArgumentParser:
 def _main_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pathinsight", description="Instruction-tune vision-language models on histopathology.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="subcommands:\n" + "\n".join(f"  {k:<12} {h}" for k, (_, h) in COMMANDS.items())
+                                 epilog="subcommands:\n" + "\n".join(f"  {k:<12} {v[1]}" for k, v in COMMANDS.items())
                                         + "\n\nrun 'pathinsight SUBCOMMAND --help' for a subcommand's options")
     ap.add_argument("command", choices=list(COMMANDS), metavar="SUBCOMMAND", help="one of: " + ", ".join(COMMANDS))
     ap.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -82,7 +86,8 @@ def main(argv: list | None = None) -> int:
         from pathinsight import __version__; print(__version__); return 0
     ns = _main_parser().parse_args(argv[:1])
     func = load_command(ns.command)
-    args = command_parser(func, f"pathinsight {ns.command}").parse_args(argv[1:])
+    extra = COMMANDS[ns.command][2] if len(COMMANDS[ns.command]) > 2 else ()
+    args = command_parser(func, f"pathinsight {ns.command}", extra).parse_args(argv[1:])
     try:
         func(**vars(args))
     except (PathinsightError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError, ValueError) as e:

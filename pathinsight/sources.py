@@ -151,7 +151,7 @@ def load_crc(root,  # folder holding one sub-folder per class code
     unknown = [p.name for p in subs if p.name not in classes]
     if unknown: raise PathinsightError(f"{root}: folders {unknown} are not class codes {list(classes)}")
     if not subs: raise PathinsightError(f"{root}: no class folders ({', '.join(classes)}) found")
-    options = list(classes)
+    options = dict(classes)  # code -> class name: prompts list the names, answers are names
     for d in subs:
         for f in sorted(d.iterdir()):
             if f.name.startswith(".") or f.suffix.lower() not in exts: continue

@@ -58,7 +58,7 @@ def draw_nuclei(size, rng, n, radius, elong=1.0, irregular=0.1, angle=None, angl
     im = canvas or _canvas(size); d = ImageDraw.Draw(im)
     for i in range(n):
         cx, cy = centers[i] if centers is not None else rng.uniform(0, size, 2)
-        r = radius*rng.uniform(0.8, 1.25)
+        r = max(radius*rng.uniform(0.8, 1.25), 0.7)
         th = rng.uniform(0, np.pi) if angle is None else angle + rng.normal(0, angle_sd)
         v = int(value*rng.uniform(0.75, 1.0))
         d.polygon(_ellipse(cx, cy, r*math.sqrt(elong), r/math.sqrt(elong), th, rng, irregular), fill=v)
@@ -66,15 +66,15 @@ def draw_nuclei(size, rng, n, radius, elong=1.0, irregular=0.1, angle=None, angl
 
 # %% ../nbs/01_synth.ipynb 11
 def _density_word(n_nuclei, size):
-    per = n_nuclei/(size/224)**2
+    per = n_nuclei
     return "high" if per > 250 else "moderate" if per > 60 else "low"
 
 def _adi(S, rng, s):
-    k = max(4, int(rng.uniform(14, 24)*(S/224)**2))
+    k = int(rng.uniform(14, 24))
     c = rng.uniform(0, S, (k, 2)); yy, xx = np.mgrid[0:S, 0:S]
     d = np.sort(np.sqrt((xx[..., None] - c[:, 0])**2 + (yy[..., None] - c[:, 1])**2), axis=-1)
-    E = np.clip(1 - (d[..., 1] - d[..., 0])/(2.2*s), 0, 1)*0.75
-    n = int(rng.integers(3, 8)*(S/224)**2) + 1
+    E = np.clip(1 - (d[..., 1] - d[..., 0])/max(2.2*s, 1.2), 0, 1)*0.75
+    n = int(rng.integers(3, 8))
     H = _to_float(draw_nuclei(S, rng, n, 3*s, elong=5, irregular=0.05), 0.5*s)*0.8
     return H, E.astype(np.float32), {"density": "low", "nuclear_size": "small"}
 
@@ -85,7 +85,7 @@ def _back(S, rng, s):
 
 def _deb(S, rng, s):
     E = 0.25 + 0.45*smooth_field(S, rng, 8)
-    n = int(rng.uniform(150, 260)*(S/224)**2)
+    n = int(rng.uniform(150, 260))
     im = draw_nuclei(S, rng, n, 1.6*s, irregular=0.5)
     draw_nuclei(S, rng, n//5, 3*s, canvas=im)
     H = _to_float(im, 0.4*s)*1.0
@@ -93,7 +93,7 @@ def _deb(S, rng, s):
 
 def _lym(S, rng, s):
     E = 0.18 + 0.12*smooth_field(S, rng, 5)
-    n = int(rng.uniform(420, 620)*(S/224)**2)
+    n = int(rng.uniform(420, 620))
     H = _to_float(draw_nuclei(S, rng, n, 3.6*s, irregular=0.05), 0.4*s)*1.25
     return H, E, {"density": _density_word(n, S), "nuclear_size": "small"}
 
@@ -101,7 +101,7 @@ def _muc(S, rng, s):
     w = smooth_field(S, rng, 10, stretch=(rng.uniform(1, 3), 1))
     H = np.clip((w - 0.45)*1.2, 0, None)*0.45 + 0.05
     E = 0.06 + 0.08*smooth_field(S, rng, 4)
-    n = int(rng.integers(0, 6)*(S/224)**2)
+    n = int(rng.integers(0, 6))
     H = np.maximum(H, _to_float(draw_nuclei(S, rng, n, 3*s), 0.5*s)*0.8)
     return H, E, {"density": "low", "nuclear_size": "small"}
 
@@ -116,14 +116,14 @@ def _fibres(S, rng, angle, cells=12, stretch=6):
 def _mus(S, rng, s):
     ang = rng.uniform(0, np.pi)
     E = 0.55 + 0.4*_fibres(S, rng, ang)
-    n = int(rng.uniform(40, 70)*(S/224)**2)
+    n = int(rng.uniform(40, 70))
     H = _to_float(draw_nuclei(S, rng, n, 4.5*s, elong=9, angle=-ang, angle_sd=0.08), 0.5*s)*0.95
     return H, E, {"density": _density_word(n, S), "nuclear_size": "medium"}
 
 def _norm(S, rng, s):
     E = 0.3 + 0.15*smooth_field(S, rng, 6)
     Hc, G = _canvas(S), _canvas(S)
-    k = max(1, int(rng.uniform(3, 5)*(S/224)**2))
+    k = int(rng.uniform(3, 5))
     n_total = 0
     for cx, cy in rng.uniform(0.1*S, 0.9*S, (k, 2)):
         R = rng.uniform(22, 32)*s
@@ -143,13 +143,13 @@ def _norm(S, rng, s):
 
 def _str(S, rng, s):
     E = 0.3 + 0.35*_fibres(S, rng, rng.uniform(0, np.pi), cells=6, stretch=3)
-    n = int(rng.uniform(20, 45)*(S/224)**2)
+    n = int(rng.uniform(20, 45))
     H = _to_float(draw_nuclei(S, rng, n, 4*s, elong=7), 0.5*s)*0.85
     return H, E, {"density": _density_word(n, S), "nuclear_size": "medium"}
 
 def _tum(S, rng, s):
     E = 0.3 + 0.2*smooth_field(S, rng, 6)
-    n = int(rng.uniform(180, 260)*(S/224)**2)
+    n = int(rng.uniform(180, 260))
     im = draw_nuclei(S, rng, n, 7*s, elong=1.6, irregular=0.3)
     H = _to_float(im, 0.6*s)*rng.uniform(0.8, 1.0)
     H = H*(0.8 + 0.4*smooth_field(S, rng, 20))  # coarse chromatin
