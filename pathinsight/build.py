@@ -15,8 +15,8 @@ from .clean import CleanConfig, UnionFind, clean_records, to_rgb
 
 # %% auto 0
 __all__ = ['PAPER_CAPS', 'SourceSpec', 'BuildConfig', 'synth_specs', 'paper_config', 'input_hash', 'load_all', 'sample_balanced',
-           'group_split', 'count_leaks', 'encode_png', 'materialise_image', 'table1', 'build', 'build_cmd',
-           'bench_pcam_build']
+           'group_split', 'count_leaks', 'encode_png', 'materialise_image', 'table1', 'clip_filter_sources', 'build',
+           'build_cmd', 'bench_pcam_build']
 
 # %% ../nbs/04_build.ipynb 5
 PAPER_CAPS = {"bladder/caption": 14300, "openpath/caption": 8900, "pcam/classify": 10000, "crc/classify": 7200,
@@ -32,6 +32,7 @@ class SourceSpec:
     cap: int | None = None  # records sampled per task after cleaning (None: the config's caps, else all)
     id_tag: str = ""  # appended to record ids (keeps ids unique when one source name is read by two loaders)
     options: dict = field(default_factory=dict)  # extra loader keywords (split, k, image_dir, captions, ...)
+    clip: dict | None = None  # CLIP filter for this source after cleaning (`pathinsight.clip.ClipConfig` keys, e.g. {top_k: 20000}); None = off
 
     def __post_init__(self):
         if self.loader not in LOADERS: raise PathinsightError(f"source {self.path!r}: unknown loader {self.loader!r} (known: {sorted(LOADERS)})")
@@ -238,6 +239,21 @@ def _stats(original, cleaned, final, rej_rows, leaks, fingerprint) -> dict:
     return {"rows": rows, "total": tot, "rejections": dict(sorted(reasons.items())), "leaks": leaks, "fingerprint": fingerprint}
 
 # %% ../nbs/04_build.ipynb 24
+def clip_filter_sources(records: list,  # cleaned records of all sources
+                        spec_of: dict,  # source name -> SourceSpec
+                       ) -> tuple[list, list]:
+    "Apply each source's `clip` filter (if any) to its records; (kept, rejections)."
+    todo = {name: s.clip for name, s in spec_of.items() if s.clip}
+    if not todo: return records, []
+    from pathinsight.clip import ClipConfig, clip_filter_records
+    kept, rej = [r for r in records if r.source not in todo], []
+    for name, c in todo.items():
+        k, x = clip_filter_records([r for r in records if r.source == name], config_from_dict(ClipConfig, c, where=f"source {name!r} clip"))
+        kept += k; rej += x
+    order = {r.id: i for i, r in enumerate(records)}
+    return sorted(kept, key=lambda r: order[r.id]), rej
+
+# %% ../nbs/04_build.ipynb 26
 def _row(r: Record) -> dict:
     "A record's fields as a dict (a shallow copy: `Record.to_dict` deep-copies, 10x slower on 100K records)."
     return dict(vars(r))
@@ -296,11 +312,13 @@ def build(config=None,  # BuildConfig, dict, YAML/JSON path, or None (the embedd
             finally: pool.shutdown(wait=True)
             staged = {k: (p, f.result()) for k, (p, f) in staged.items()}
             rej_rows += [{**x.to_dict(), "task": task_of.get(x.id, "")} for x in res.rejected]
-            cleaned = {}
-            for r in res.kept: cleaned[(r.source, r.task)] = cleaned.get((r.source, r.task), 0) + 1
-            by = {}
-            for r in res.kept: by.setdefault((r.source, r.task), []).append(r)
             spec_of = {s.name: s for s in specs}
+            kept, clip_rej = clip_filter_sources(res.kept, spec_of)
+            rej_rows += [{**x.to_dict(), "task": task_of.get(x.id, "")} for x in clip_rej]
+            cleaned = {}
+            for r in kept: cleaned[(r.source, r.task)] = cleaned.get((r.source, r.task), 0) + 1
+            by = {}
+            for r in kept: by.setdefault((r.source, r.task), []).append(r)
             final = []
             for (src, task), rs in by.items():
                 final += sample_balanced(rs, cfg.cap_for(spec_of[src], task) if src in spec_of else cfg.caps.get(f"{src}/{task}"), seed)
@@ -337,7 +355,7 @@ def build(config=None,  # BuildConfig, dict, YAML/JSON path, or None (the embedd
                           f"{stats['total']['test']} test), {len(rej_rows)} rejected, leaks {leaks}")
     return stats
 
-# %% ../nbs/04_build.ipynb 36
+# %% ../nbs/04_build.ipynb 40
 def build_cmd(config: str = None,  # YAML/JSON build config (default: the embedded synthetic dataset)
               out: str = "pathenhance_ds",  # output folder (replaced atomically when the build succeeds)
               seed: int = None,  # random seed (default: the config's, 0)
@@ -347,7 +365,7 @@ def build_cmd(config: str = None,  # YAML/JSON build config (default: the embedd
     print(table1(st), end="")
     return st
 
-# %% ../nbs/04_build.ipynb 39
+# %% ../nbs/04_build.ipynb 43
 _PEAK = """
 def peak_rss():
     for line in open("/proc/self/status"):
