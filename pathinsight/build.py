@@ -338,8 +338,12 @@ def build(config=None,  # BuildConfig, dict, YAML/JSON path, or None (the embedd
             parts = {}
             for name in ("train", "test"):
                 rows = [_row(r) for r in final if r.split == name]
-                d = Dataset.from_list(rows, features=feats) if rows else Dataset.from_dict({k: [] for k in feats}, features=feats)
+                if not rows:  # an empty split cannot be saved and reloaded by `datasets`: leave it out, say so
+                    get_logger().warning(f"{out}: the {name} split is empty (too few groups for test_frac={cfg.test_frac}); not written")
+                    continue
+                d = Dataset.from_list(rows, features=feats)
                 parts[name] = Dataset(d.data, info=d.info, split=name, fingerprint=bytes_sha256(f"{fp}/{name}".encode())[:16])
+            if not parts: raise PathinsightError(f"{out}: no records left to write (see the rejections)")
             DatasetDict(parts).save_to_disk(str(tmp))
             stats = _stats(original, cleaned, final, rej_rows, leaks, fp)
             stats["skipped_task"] = {f"{s}/{t}": n for (s, t), n in sorted(skipped.items())}
@@ -355,7 +359,7 @@ def build(config=None,  # BuildConfig, dict, YAML/JSON path, or None (the embedd
                           f"{stats['total']['test']} test), {len(rej_rows)} rejected, leaks {leaks}")
     return stats
 
-# %% ../nbs/04_build.ipynb 41
+# %% ../nbs/04_build.ipynb 43
 def build_cmd(config: str = None,  # YAML/JSON build config (default: the embedded synthetic dataset)
               out: str = "pathenhance_ds",  # output folder (replaced atomically when the build succeeds)
               seed: int = None,  # random seed (default: the config's, 0)
@@ -365,7 +369,7 @@ def build_cmd(config: str = None,  # YAML/JSON build config (default: the embedd
     print(table1(st), end="")
     return st
 
-# %% ../nbs/04_build.ipynb 44
+# %% ../nbs/04_build.ipynb 46
 _PEAK = """
 def peak_rss():
     for line in open("/proc/self/status"):

@@ -13,11 +13,12 @@ from .models import (get_family, load_model, model_parts, lora_targets, save_mod
                                 to_messages, load_image, EncodeRejected, IGNORE)
 
 # %% auto 0
-__all__ = ['MODES', 'ACCELERATE_CONFIGS', 'DEEPSPEED_CONFIGS', 'GRID_MODES', 'image_token_ids', 'encode_example', 'flip_rotate',
-           'VLMDataset', 'GroupedSampler', 'padding_waste', 'random_batches', 'VLMCollator', 'TrainConfig',
-           'tiny_recipe', 'trainable_counts', 'prepare_model', 'read_examples', 'write_accelerate_config',
-           'accelerate_config_cmd', 'write_loss_curve', 'training_args', 'train', 'synth_classification',
-           'shuffle_answers', 'learning_check', 'merge_cmd', 'train_cmd', 'main', 'bench_vs_trl', 'learning_grid']
+__all__ = ['MODES', 'ACCELERATE_CONFIGS', 'DEEPSPEED_CONFIGS', 'RECIPES', 'GRID_MODES', 'image_token_ids', 'encode_example',
+           'flip_rotate', 'VLMDataset', 'GroupedSampler', 'padding_waste', 'random_batches', 'VLMCollator',
+           'TrainConfig', 'tiny_recipe', 'trainable_counts', 'prepare_model', 'read_examples',
+           'write_accelerate_config', 'accelerate_config_cmd', 'write_loss_curve', 'training_args', 'train',
+           'synth_classification', 'shuffle_answers', 'learning_check', 'merge_cmd', 'recipe', 'recipe_cmd',
+           'train_cmd', 'main', 'bench_vs_trl', 'learning_grid']
 
 # %% ../nbs/08_train.ipynb 6
 def _render(processor, msgs, gen=False):
@@ -283,6 +284,11 @@ def read_examples(path, image_root=None, seed: int = 0) -> list[dict]:
     "Training examples `{id, image, turns}` from a jsonl / JSON file of {image, turns} rows or records."
     path = Path(path)
     if not path.exists(): raise PathinsightError(f"training data not found: {path}")
+    if path.is_dir():  # a built dataset: its train split
+        from pathinsight.chatml import load_records, to_turns
+        recs, root = load_records(path, "train")
+        return [{"id": r.id, "image": str(Path(root)/r.image) if r.image else "", "turns": to_turns(r, seed=seed),
+                 "source": r.source} for r in recs]
     if path.suffix == ".json":
         try: rows = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e: raise PathinsightError(f"{path}: malformed JSON ({e.msg})") from None
@@ -302,7 +308,7 @@ def read_examples(path, image_root=None, seed: int = 0) -> list[dict]:
         out.append({"id": rid, "image": img, "turns": turns, "source": r.get("source", "")})
     return out
 
-# %% ../nbs/08_train.ipynb 27
+# %% ../nbs/08_train.ipynb 28
 _ACC_BASE = {"compute_environment": "LOCAL_MACHINE", "machine_rank": 0, "num_machines": 1, "num_processes": 8,
              "mixed_precision": "bf16", "main_training_function": "main", "rdzv_backend": "static",
              "same_network": True, "use_cpu": False, "gpu_ids": "all", "main_process_ip": None, "main_process_port": None}
@@ -349,7 +355,7 @@ def accelerate_config_cmd(name: str,  # ddp | zero2 | zero3 | fsdp
     print(f"wrote {p}; run: accelerate launch --config_file {p} -m pathinsight.train --config train.yaml")
     return p
 
-# %% ../nbs/08_train.ipynb 30
+# %% ../nbs/08_train.ipynb 31
 def _trainer_cls():
     from transformers import Trainer
     class PathTrainer(Trainer):
@@ -472,7 +478,7 @@ def train(cfg: TrainConfig | dict | str | None = None,  # config, dict or YAML/J
     out.update(model=trainer.model, processor=processor, log_history=trainer.state.log_history)
     return out
 
-# %% ../nbs/08_train.ipynb 32
+# %% ../nbs/08_train.ipynb 33
 def synth_classification(root,  # folder for the synthetic tiles (created)
                          classes: tuple | None = None,  # class codes (default: all nine)
                          n_train: int = 40, n_test: int = 20,  # tiles per class for training / testing
@@ -536,7 +542,7 @@ def learning_check(family: str = "llava", mode: str = "full",  # model family an
     finally:
         if not out_dir: shutil.rmtree(tmp, ignore_errors=True)
 
-# %% ../nbs/08_train.ipynb 36
+# %% ../nbs/08_train.ipynb 37
 def _stop_at(step: int):
     from transformers import TrainerCallback
     class StopAt(TrainerCallback):
@@ -546,7 +552,7 @@ def _stop_at(step: int):
             return control
     return StopAt()
 
-# %% ../nbs/08_train.ipynb 41
+# %% ../nbs/08_train.ipynb 42
 def merge_cmd(adapter: str,  # LoRA output directory written by `pathinsight train` (e.g. RUN/final)
               out: str,  # directory for the merged model (safetensors + processor)
               trust_remote_code: bool = False):  # allow remote-code families
@@ -559,7 +565,38 @@ def merge_cmd(adapter: str,  # LoRA output directory written by `pathinsight tra
     print(f"merged {adapter} into {out}")
     return Path(out)
 
-# %% ../nbs/08_train.ipynb 47
+# %% ../nbs/08_train.ipynb 48
+_FULL_SIZE = dict(gradient_checkpointing=True, save_strategy="epoch", logging_steps=10, group_by_length=True)
+RECIPES = {  # name: TrainConfig keys on top of the paper's defaults
+    "llava-1.5-7b-lora": dict(model="llava-hf/llava-1.5-7b-hf", family="llava", mode="lora", lora_r=128, lora_alpha=256, **_FULL_SIZE),
+    "llava-1.5-7b-qlora": dict(model="llava-hf/llava-1.5-7b-hf", family="llava", mode="qlora", lora_r=64, lora_alpha=128, **_FULL_SIZE),
+    "llava-1.5-7b-full": dict(model="llava-hf/llava-1.5-7b-hf", family="llava", mode="full", deepspeed="zero3", **_FULL_SIZE),
+    "qwen2-vl-7b-lora": dict(model="Qwen/Qwen2-VL-7B-Instruct", family="qwen2-vl", mode="lora", lora_r=64, lora_alpha=128, **_FULL_SIZE),
+    "qwen2-vl-7b-full": dict(model="Qwen/Qwen2-VL-7B-Instruct", family="qwen2-vl", mode="full", deepspeed="zero3", **_FULL_SIZE),
+    "internvl3-8b-lora": dict(model="OpenGVLab/InternVL3-8B-hf", family="internvl", mode="lora", lora_r=64, lora_alpha=128, **_FULL_SIZE),
+    "internvl3-8b-full": dict(model="OpenGVLab/InternVL3-8B-hf", family="internvl", mode="full", deepspeed="zero3", **_FULL_SIZE),
+}
+
+def recipe(name: str,  # a key of RECIPES
+           **overrides) -> TrainConfig:
+    "The full-size `TrainConfig` called `name`, with `overrides` on top."
+    if name not in RECIPES: raise PathinsightError(f"unknown recipe {name!r} (known: {sorted(RECIPES)})")
+    return TrainConfig(**{**RECIPES[name], **{k: v for k, v in overrides.items() if v not in (None, "")}})
+
+def recipe_cmd(name: str,  # recipe: llava-1.5-7b-lora | qwen2-vl-7b-full | internvl3-8b-lora | ...
+               out: str,  # YAML config file to write (for `pathinsight train OUT` / `accelerate launch ... --config OUT`)
+               data: str = "",  # training data (jsonl of records or {image, turns} rows)
+               output_dir: str = "",  # run directory ('' = runs/NAME)
+              ):
+    "Write a full-size training config (paper hyperparameters) as YAML."
+    import yaml
+    cfg = recipe(name, data=data, output_dir=output_dir or f"runs/{name}")
+    with atomic_write(out) as f: yaml.safe_dump(asdict(cfg), f, sort_keys=True)
+    print(f"wrote {out}: {cfg.model} ({cfg.mode}), lr {cfg.learning_rate}, batch {cfg.per_device_train_batch_size}, "
+          f"{cfg.num_train_epochs:g} epochs, max length {cfg.max_length}")
+    return Path(out)
+
+# %% ../nbs/08_train.ipynb 52
 def train_cmd(config: str = "",  # YAML/JSON file of TrainConfig keys ('' = defaults)
               data: str = "",  # training data jsonl ({image, turns} rows or records)
               model: str = "",  # base model: family name, hub id or directory
@@ -606,12 +643,12 @@ def main(argv: list[str] | None = None):
     res = train(cfg)
     return {k: v for k, v in res.items() if k not in ("model", "processor", "log_history")}
 
-# %% ../nbs/08_train.ipynb 48
+# %% ../nbs/08_train.ipynb 53
 if __name__ == "__main__" and "__file__" in globals() and globals()["__file__"].endswith("train.py"):
     try: main()
     except PathinsightError as e: raise SystemExit(f"error: {e}")
 
-# %% ../nbs/08_train.ipynb 51
+# %% ../nbs/08_train.ipynb 56
 def bench_vs_trl(n: int = 32,  # training examples
                  steps: int = 10,  # optimiser steps for each trainer
                  batch_size: int = 8,  # per-device batch size
@@ -665,7 +702,7 @@ def bench_vs_trl(n: int = 32,  # training examples
         return r
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
-# %% ../nbs/08_train.ipynb 55
+# %% ../nbs/08_train.ipynb 60
 GRID_MODES = (("lora", False), ("qlora", False), ("full", False), ("full", True))
 
 def learning_grid(families=("llava", "qwen2-vl", "internvl"), modes=GRID_MODES, steps: int = 1500, n_train: int = 80,
