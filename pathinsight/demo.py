@@ -21,7 +21,7 @@ class DemoConfig:
     n_per_class: int = 60  # synthetic tiles per class (split by patient: ~80% train, ~20% test)
     size: int = 64  # tile side in pixels (the tiny model's input size)
     test_frac: float = 0.2  # fraction of patients held out for testing
-    steps: int = 3000  # optimiser steps for the tuned model and the control
+    steps: int = 2000  # optimiser steps for the tuned model and the control
     hidden: int = 32  # hidden size of the tiny model (LM and vision tower)
     patch: int = 8  # vision patch size (64 px / 8 = 64 image tokens)
     learning_rate: float = 2e-3  # peak learning rate of the tiny recipe
@@ -186,7 +186,7 @@ def run_demo(out="demo_out",  # output directory (created; reused files are over
 def demo_cmd(out: str = "demo_out",  # output directory
              family: str = "llava",  # tiny model family: llava | qwen2-vl | internvl
              mode: str = "full",  # tuning mode: full | lora | qlora
-             steps: int = 3000,  # training steps
+             steps: int = 2000,  # training steps
              n_per_class: int = 60,  # synthetic tiles per class
              seed: int = 0,  # seed of every stage
              no_control: bool = False,  # skip the shuffled-label control

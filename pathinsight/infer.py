@@ -151,12 +151,13 @@ def accuracy_report(model, processor, examples: list[dict], options: list[str] |
     return out
 
 # %% ../nbs/09_infer.ipynb 23
-def ask_cmd(model: str,  # trained model / adapter directory, or a family name for its hub checkpoint
-            image: str,  # image file
+def ask_cmd(image: str,  # image file
             question: str,  # the question
+            model: str = "",  # trained model / adapter directory, or a family name for its hub checkpoint
             max_new_tokens: int = 64,  # longest answer in tokens
             trust_remote_code: bool = False):  # allow remote-code families (Qwen-VL-Chat, XComposer2)
     "Ask a vision-language model a question about an image and print the answer."
+    if not model: raise PathinsightError("give the model: --model PATH")
     if not Path(image).exists(): raise PathinsightError(f"image not found: {image}")
     loader = load_trained if Path(model).is_dir() else load_model
     m, proc, _ = loader(model, trust_remote_code=trust_remote_code)
