@@ -228,7 +228,7 @@ def tiny_clip(out: str | Path,  # directory to write the model to
         save_file(sd, str(tmp/"open_clip_model.safetensors"))
     return out
 
-# %% ../nbs/05_clip.ipynb 20
+# %% ../nbs/05_clip.ipynb 22
 def _safe_name(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s)[:60] + "-" + bytes_sha256(s.encode())[:8]
 
@@ -254,7 +254,7 @@ class EmbeddingCache:
         with atomic_write(self.dir/name, "wb") as f:
             np.savez(f, keys=np.array(list(keys)), emb=np.asarray(emb, dtype=np.float32))
 
-# %% ../nbs/05_clip.ipynb 23
+# %% ../nbs/05_clip.ipynb 25
 def _is_container(ref: str) -> bool: return ref.startswith(("h5://", "parquet://"))
 
 def _open_image(ref: str):
@@ -360,7 +360,7 @@ def embed_texts(clip: ClipModel,  # the model
     if not keys: return np.zeros((0, 0), dtype=np.float32)
     return np.stack([known[k] for k in keys]).astype(np.float32)
 
-# %% ../nbs/05_clip.ipynb 30
+# %% ../nbs/05_clip.ipynb 32
 def select_pairs(ids: Sequence[str],  # record ids
                  sources: Sequence[str],  # record sources (top-k is per source)
                  scores: Sequence[float],  # image–caption cosine per record
@@ -384,7 +384,7 @@ def select_pairs(ids: Sequence[str],  # record ids
                 rej.append(Rejection(ids[i], src, "clip", "not_top_k", f"rank {rank} of {len(idx)} in {src} (top_k={top_k})", float(scores[i])))
     return keep, rej
 
-# %% ../nbs/05_clip.ipynb 33
+# %% ../nbs/05_clip.ipynb 35
 def load_conch_prompts(path: str | Path,  # a CONCH prompts json
                        key: str = "0",  # which prompt set in the file
                       ) -> tuple[dict[str, list[str]], list[str]]:
@@ -424,7 +424,7 @@ def zero_shot_probs(img_emb: np.ndarray,  # [n, d] normalised image embeddings
     p = np.exp(z)
     return p/p.sum(1, keepdims=True)
 
-# %% ../nbs/05_clip.ipynb 36
+# %% ../nbs/05_clip.ipynb 38
 _CLIPS: dict = {}
 def _get_clip(cfg: ClipConfig) -> ClipModel:
     "Load (once per process) the model a config names."
@@ -490,7 +490,7 @@ def clip_filter_records(records: Sequence[Record | dict],  # records of one sour
     kept, rej, _ = _filter(records, cfg or ClipConfig(), root, clip)
     return kept, rej
 
-# %% ../nbs/05_clip.ipynb 45
+# %% ../nbs/05_clip.ipynb 47
 def _zs_classes_for(rec: Record) -> str:
     if rec.label in CRC_CLASSES: return "crc"
     if rec.label in PCAM_ZS_CLASSES: return "pcam"
@@ -523,7 +523,7 @@ def zero_shot_predict(clip: ClipModel,  # the model
     if out is not None: write_jsonl(out, rows)
     return rows
 
-# %% ../nbs/05_clip.ipynb 49
+# %% ../nbs/05_clip.ipynb 51
 def _read_dataset_dir(d: Path):
     if not d.is_dir(): raise PathinsightError(f"dataset not found: {d}")
     if not (d/"dataset_dict.json").exists(): raise PathinsightError(f"{d}: not a DatasetDict saved with save_to_disk (no dataset_dict.json)")
@@ -616,7 +616,7 @@ def zeroshot_cmd(dataset_dir: str,  # built dataset directory (DatasetDict saved
     get_logger().info(f"zero-shot: {len(rows)} predictions -> {out} (accuracy {acc:.3f})")
     return {"n": len(rows), "accuracy": acc, "out": str(out)}
 
-# %% ../nbs/05_clip.ipynb 56
+# %% ../nbs/05_clip.ipynb 58
 def bench_clip(n_images: int = 32,  # images to embed
                batch_size: int = 16,  # images per forward pass
                model: str = "",  # model spec ('' = a tiny random model; see `tiny_clip`)

@@ -299,7 +299,7 @@ def load_model(spec_or_dir: str | Path,  # family name, hub id or local director
     model.eval()
     return model, processor, fam
 
-# %% ../nbs/07_models.ipynb 25
+# %% ../nbs/07_models.ipynb 27
 def _prefix(model, fam: Family, path: str) -> str:
     "The name prefix of module `path` in `model`'s `named_parameters` (handles PEFT wrappers)."
     names = dict(model.named_modules())
@@ -335,7 +335,7 @@ def lora_targets(model, family: str | Family | None = None,
             if any(n == pre + l or n.endswith("." + l) for l in leaves[part]): out.append(n); break
     return out
 
-# %% ../nbs/07_models.ipynb 27
+# %% ../nbs/07_models.ipynb 29
 def load_trained(path,  # a model directory or a LoRA adapter directory written by training
                  merge: bool = False,  # merge the LoRA weights into the base model
                  trust_remote_code: bool = False,  # allow remote-code families
@@ -358,7 +358,7 @@ def load_trained(path,  # a model directory or a LoRA adapter directory written 
     model.eval()
     return model, processor, fam
 
-# %% ../nbs/07_models.ipynb 29
+# %% ../nbs/07_models.ipynb 31
 IGNORE = -100  # label value the loss ignores
 
 class EncodeRejected(PathinsightError):
