@@ -277,12 +277,15 @@ def runtime_info(check_hub: bool = True) -> dict:
 def choose_model(real: str,  # the real checkpoint (hub id)
                  fallback,  # a tiny offline model: a path, or a function building one and returning its path
                  hub: bool | None = None,  # hub reachability (None: check)
+                 gpu: bool | None = None,  # a usable GPU is present (None: do not require one)
                 ) -> str:
-    "The real hub id when the hub is reachable, else the tiny offline fallback; prints which one is used."
+    "The real hub id when the hub is reachable (and, if asked, a GPU is present), else the tiny offline fallback; prints which."
     hub = hub_reachable() if hub is None else hub
-    if hub:
+    if hub and gpu is not False:
         print(f"using the real model {real}")
         return real
     path = str(fallback() if callable(fallback) else fallback)
-    print(f"model hub unreachable: using the tiny offline model {path} instead of {real}")
+    why = "model hub unreachable" if not hub else "no GPU for a model of this size"
+    print(f"{why}: using the tiny offline model {path} instead of {real}")
     return path
+

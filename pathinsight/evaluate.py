@@ -239,12 +239,12 @@ def results_table(run_dirs: Sequence,  # run directories, one table row each, in
 
 def _best(rows, j):
     vals = [r[j] for r in rows if r[j] is not None]
-    return max(vals) if len(vals) > 1 else None
+    return max(vals) if len(set(vals)) > 1 else None  # no bold when a column has one value or all rows tie
 
 def _fmt(v, digits=3): return "–" if v is None else f"{v:.{digits}f}"
 
 def table_markdown(header, rows, digits: int = 3) -> str:
-    "The table as GitHub markdown, best value per column in bold."
+    "The table as GitHub markdown, the best value per column in bold (none when all tie)."
     best = [None] + [_best(rows, j) for j in range(1, len(header))]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for r in rows:
@@ -316,10 +316,13 @@ def table_cmd(run_dirs: list,  # run directories (each with metrics.json), one r
 # %% ../nbs/11_evaluate.ipynb 25
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
-def check_model_dir(model) -> Path:
-    "Check `model` is a saved model (with its processor) or a LoRA adapter directory; a clear error otherwise."
+def check_model_dir(model) -> Path | str:
+    "Check `model` is a saved model (with its processor), a LoRA adapter directory or a hub id; a clear error otherwise."
+    from pathinsight.models import _looks_like_hub_id
     p = Path(model)
-    if not p.is_dir(): raise PathinsightError(f"model directory not found: {p}")
+    if not p.is_dir():
+        if _looks_like_hub_id(str(model)): return str(model)  # an untuned base model from the hub (Table 2's base row)
+        raise PathinsightError(f"model directory not found: {p}")
     if (p/"adapter_config.json").exists(): return p  # the processor may come with the base model
     if not (p/"config.json").exists(): raise PathinsightError(f"{p}: no config.json (not a saved model)")
     if not any((p/f).exists() for f in PROCESSOR_FILES):
@@ -333,7 +336,7 @@ def training_seed(model) -> int:
     try: return int(json.loads(p.read_text()).get("config", {}).get("seed", 0))
     except (json.JSONDecodeError, TypeError, ValueError): raise PathinsightError(f"{p}: malformed training record") from None
 
-def eval_cmd(model: str | None = None,  # saved model or LoRA adapter directory (with its processor)
+def eval_cmd(model: str | None = None,  # saved model or LoRA adapter directory (with its processor), or a hub id (an untuned base)
              data: str | None = None,  # references: built dataset directory or records .jsonl
              out: str | None = None,  # run directory: predictions.jsonl, metrics.json, scored.jsonl
              split: str = "test",  # split to evaluate
@@ -342,6 +345,7 @@ def eval_cmd(model: str | None = None,  # saved model or LoRA adapter directory 
              name: str | None = None,  # run name for tables (default: OUT's name)
              limit: int = 0,  # evaluate only the first N records (0 = all)
              prompt_seed: int | None = None,  # seed of the prompt wording (default: the training seed in pathinsight_train.json, else 0)
+             load_in_4bit: bool = False,  # load the (base) model in 4-bit nf4 (a 7B model on a GPU under 24 GiB)
             ):
     "Generate answers for the references with a saved model and score them (metrics.json in OUT)."
     if not (model and data and out): raise PathinsightError("eval needs --model, --data and --out")
@@ -353,7 +357,8 @@ def eval_cmd(model: str | None = None,  # saved model or LoRA adapter directory 
     from pathinsight.models import load_trained
     if prompt_seed is None: prompt_seed = training_seed(model)
     examples = [to_conversation(r, seed=prompt_seed) for r in recs]
-    m, proc, _ = load_trained(model)
+    from pathinsight.models import four_bit_kwargs
+    m, proc, _ = load_trained(model, **(four_bit_kwargs() if load_in_4bit else {}))
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     predict(m, proc, examples, out/"predictions.jsonl", batch_size=batch_size, max_new_tokens=max_new_tokens, image_root=root)
     res = score_run(out/"predictions.jsonl", data, out, name=name, split=split, model=model, records=recs)

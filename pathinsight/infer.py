@@ -153,20 +153,21 @@ def accuracy_report(model, processor, examples: list[dict], options: list[str] |
 # %% ../nbs/09_infer.ipynb 23
 def ask_cmd(image: str,  # image file
             question: str,  # the question
-            model: str = "",  # trained model / adapter directory, or a family name for its hub checkpoint
+            model: str = "",  # trained model / adapter directory, or a hub id / family name (an untuned base model)
             max_new_tokens: int = 64,  # longest answer in tokens
-            trust_remote_code: bool = False):  # allow remote-code families (Qwen-VL-Chat, XComposer2)
+            trust_remote_code: bool = False,  # allow remote-code families (Qwen-VL-Chat, XComposer2)
+            load_in_4bit: bool = False):  # load the model in 4-bit nf4 (a 7B model on a small GPU)
     "Ask a vision-language model a question about an image and print the answer."
     if not model: raise PathinsightError("give the model: --model PATH")
     if not Path(image).exists(): raise PathinsightError(f"image not found: {image}")
-    loader = load_trained if Path(model).is_dir() else load_model
-    m, proc, _ = loader(model, trust_remote_code=trust_remote_code)
+    from pathinsight.models import four_bit_kwargs
+    m, proc, _ = load_trained(model, trust_remote_code=trust_remote_code, **(four_bit_kwargs() if load_in_4bit else {}))
     try: ans = ask(m, proc, image, question, max_new_tokens)
     except EncodeRejected as e: raise PathinsightError(str(e)) from None
     print(ans)
     return ans
 
-# %% ../nbs/09_infer.ipynb 26
+# %% ../nbs/09_infer.ipynb 28
 def bench_generate(n: int = 16,  # examples
                    batch_size: int = 8,  # batch size of the batched run
                    family: str = "llava", max_new_tokens: int = 16, threads: int | None = None) -> dict:

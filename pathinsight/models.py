@@ -13,7 +13,8 @@ from .core import PathinsightError, CRC_CLASSES, seed_everything, get_logger
 # %% auto 0
 __all__ = ['LLAVA_TEMPLATE', 'QWEN2VL_TEMPLATE', 'INTERNVL_TEMPLATE', 'FAMILIES', 'DEFAULT_TEXTS', 'IGNORE', 'Family',
            'get_family', 'tiny_tokenizer', 'tiny_model', 'save_model', 'disable_bnb_cpu_repack', 'load_model',
-           'model_parts', 'lora_targets', 'load_trained', 'EncodeRejected', 'load_image', 'to_messages']
+           'model_parts', 'lora_targets', 'inference_device', 'place_model', 'load_trained', 'four_bit_kwargs',
+           'tutorial_load_kwargs', 'tutorial_model', 'EncodeRejected', 'load_image', 'to_messages']
 
 # %% ../nbs/07_models.ipynb 6
 _TEXT = "{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}{%- for c in m['content'] -%}{%- if c['type'] == 'text' -%}{{ c['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}"
@@ -288,10 +289,12 @@ def load_model(spec_or_dir: str | Path,  # family name, hub id or local director
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
             llm_int8_skip_modules=[fam.lm_head, fam.projector])  # full paths: matched from the start of module names
-        kw.setdefault("device_map", "cpu" if not torch.cuda.is_available() else {"": 0})
+        kw.setdefault("device_map", "cpu" if not torch.cuda.is_available() else {"": int(os.environ.get("LOCAL_RANK", 0))})  # this process's GPU
     auto = getattr(transformers, fam.auto_class)
     try: model = auto.from_pretrained(src, **kw)
-    except OSError as e: raise PathinsightError(f"cannot load model from {src}: {e}") from None
+    except OSError as e:
+        where = "" if is_dir else " (not a local directory; tried the model hub)"
+        raise PathinsightError(f"cannot load model {src}{where}: {e}") from None
     if load_in_4bit: disable_bnb_cpu_repack(model)
     pkw = dict(trust_remote_code=trust_remote_code, local_files_only=kw["local_files_only"])
     if fam.auto_class == "AutoModelForImageTextToText": processor = transformers.AutoProcessor.from_pretrained(src, **pkw)
@@ -299,7 +302,7 @@ def load_model(spec_or_dir: str | Path,  # family name, hub id or local director
     model.eval()
     return model, processor, fam
 
-# %% ../nbs/07_models.ipynb 27
+# %% ../nbs/07_models.ipynb 25
 def _prefix(model, fam: Family, path: str) -> str:
     "The name prefix of module `path` in `model`'s `named_parameters` (handles PEFT wrappers)."
     names = dict(model.named_modules())
@@ -335,16 +338,36 @@ def lora_targets(model, family: str | Family | None = None,
             if any(n == pre + l or n.endswith("." + l) for l in leaves[part]): out.append(n); break
     return out
 
-# %% ../nbs/07_models.ipynb 29
-def load_trained(path,  # a model directory or a LoRA adapter directory written by training
+# %% ../nbs/07_models.ipynb 27
+def inference_device(device: str = "auto") -> str:
+    "`device`, or for 'auto' cuda when a GPU is available, else cpu."
+    if device != "auto": return device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def place_model(model, device: str = "auto"):
+    "Move `model` to `device` ('auto': the GPU when there is one), unless it was loaded with a device map (4-bit, sharded)."
+    if getattr(model, "hf_device_map", None) or device is None: return model
+    return model.to(inference_device(device))
+
+def _looks_like_hub_id(spec: str) -> bool:
+    return spec in FAMILIES or (spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).exists())
+
+def load_trained(path,  # a trained output directory (full model or LoRA adapter), or a hub id / family name (an untuned base)
                  merge: bool = False,  # merge the LoRA weights into the base model
                  trust_remote_code: bool = False,  # allow remote-code families
+                 device: str | None = "auto",  # where to put the model: auto (GPU when present) | cpu | cuda | None (leave it)
                  **kw):  # passed to `load_model` for the base model
-    "Load (model, processor, family) from a trained output: full model or LoRA adapter (+ its base)."
+    "Load (model, processor, family) for inference from a trained output (full model or LoRA adapter + its base) or a base model."
+    if not Path(path).is_dir():
+        if not _looks_like_hub_id(str(path)): raise PathinsightError(f"model directory not found: {path}")
+        model, processor, fam = load_model(str(path), trust_remote_code=trust_remote_code, **kw)
+        return place_model(model, device), processor, fam
     path = Path(path)
-    if not path.is_dir(): raise PathinsightError(f"model directory not found: {path}")
     ad = path/"adapter_config.json"
-    if not ad.exists(): return load_model(path, trust_remote_code=trust_remote_code, **kw)
+    if not ad.exists():
+        model, processor, fam = load_model(path, trust_remote_code=trust_remote_code, **kw)
+        return place_model(model, device), processor, fam
     info = json.loads((path/"pathinsight_train.json").read_text()) if (path/"pathinsight_train.json").exists() else {}
     base = info.get("base_model") or json.loads(ad.read_text()).get("base_model_name_or_path")
     if not base: raise PathinsightError(f"{path}: adapter without a known base model (no pathinsight_train.json / base_model_name_or_path)")
@@ -356,9 +379,47 @@ def load_trained(path,  # a model directory or a LoRA adapter directory written 
         import transformers
         processor = transformers.AutoProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
     model.eval()
-    return model, processor, fam
+    return place_model(model, device), processor, fam
 
 # %% ../nbs/07_models.ipynb 31
+def four_bit_kwargs() -> dict:
+    "`load_model` arguments for 4-bit nf4 weights, computing in bf16 (or fp16 on GPUs without it; fp32 on CPU)."
+    import torch
+    cuda = torch.cuda.is_available()
+    return dict(load_in_4bit=True, compute_dtype=("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if cuda else "float32")
+
+def tutorial_load_kwargs(gpu_gib: float | None,  # GPU memory in GiB (None: no GPU)
+                         bf16: bool = False,  # the GPU supports bfloat16
+                        ) -> dict:
+    "`load_model` arguments for a ~7B model on this GPU: 4-bit below 24 GiB, bf16 or fp16."
+    if not gpu_gib: return {}
+    dt = "bfloat16" if bf16 else "float16"
+    if gpu_gib < 24: return dict(load_in_4bit=True, compute_dtype=dt, dtype=dt)
+    return dict(dtype=dt, device_map={"": int(os.environ.get("LOCAL_RANK", 0))})
+
+def tutorial_model(family: str = "llava",  # model family (see `FAMILIES`)
+                   tiny_dir=None,  # where to build the tiny fallback (default: a temporary folder)
+                   hub: bool | None = None,  # hub reachable (None: check)
+                   **tiny_kw):  # passed to `tiny_model` (texts, image_size, ...)
+    "(model, processor, family, source): the real checkpoint with the hub and a GPU, else a tiny offline model; prints which."
+    import tempfile, torch
+    from pathinsight.core import choose_model
+    fam = get_family(family)
+    cuda = torch.cuda.is_available()
+    tiny = Path(tiny_dir) if tiny_dir else Path(tempfile.mkdtemp(prefix="pi-tiny-"))/f"tiny-{fam.name}"
+    def build():
+        if not (tiny/"config.json").exists(): tiny_model(fam.name, out_dir=tiny, **tiny_kw)
+        return tiny
+    src = choose_model(fam.hub_id, build, hub=hub, gpu=cuda)
+    kw = {}
+    if src == fam.hub_id:
+        props = torch.cuda.get_device_properties(0)
+        kw = tutorial_load_kwargs(props.total_memory / 2**30, torch.cuda.is_bf16_supported())
+    model, processor, fam = load_trained(src, trust_remote_code=False, **kw)
+    print(f"{fam.name}: {sum(p.numel() for p in model.parameters()):,} parameters on {next(model.parameters()).device}")
+    return model, processor, fam, src
+
+# %% ../nbs/07_models.ipynb 35
 IGNORE = -100  # label value the loss ignores
 
 class EncodeRejected(PathinsightError):

@@ -442,7 +442,7 @@ def train(cfg: TrainConfig | dict | str | None = None,  # config, dict or YAML/J
             if not rank0:
                 while not (base/"config.json").exists(): time.sleep(1)
             cfg.model = str(base)
-        compute = cfg.compute_dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+        compute = cfg.compute_dtype or (("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if torch.cuda.is_available() else "float32")
         model, processor, fam = load_model(cfg.model, cfg.family or None, load_in_4bit=cfg.mode == "qlora", compute_dtype=compute)
     fam = get_family(cfg.family or model)
     if cfg.mode == "qlora" and not any(type(m).__name__ == "Linear4bit" for m in model.modules()):
@@ -458,6 +458,9 @@ def train(cfg: TrainConfig | dict | str | None = None,  # config, dict or YAML/J
     collator = VLMCollator(processor, fam, cfg.max_length)
     trainer = _trainer_cls()(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, data_collator=collator,
                              processing_class=processor, callbacks=callbacks, lengths=ds.lengths, group_by_length=cfg.group_by_length)
+    if quiet:  # no per-log loss dicts on stdout (the loss curve is still written)
+        from transformers.trainer_callback import PrinterCallback
+        trainer.remove_callback(PrinterCallback)
     res = trainer.train(resume_from_checkpoint=_resume_arg(cfg, out_dir))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     out = {"output_dir": str(out_dir), "final_dir": str(out_dir/"final"), "mode": cfg.mode, "family": fam.name,
@@ -560,7 +563,7 @@ def merge_cmd(adapter: str,  # LoRA output directory written by `pathinsight tra
     from pathinsight.core import atomic_dir
     from pathinsight.models import load_trained
     if not (Path(adapter)/"adapter_config.json").exists(): raise PathinsightError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
-    model, processor, fam = load_trained(adapter, merge=True, trust_remote_code=trust_remote_code)
+    model, processor, fam = load_trained(adapter, merge=True, trust_remote_code=trust_remote_code, device=None)
     with atomic_dir(out) as tmp: save_model(model, processor, tmp)
     print(f"merged {adapter} into {out}")
     return Path(out)
@@ -596,7 +599,7 @@ def recipe_cmd(name: str,  # recipe: llava-1.5-7b-lora | qwen2-vl-7b-full | inte
           f"{cfg.num_train_epochs:g} epochs, max length {cfg.max_length}")
     return Path(out)
 
-# %% ../nbs/08_train.ipynb 52
+# %% ../nbs/08_train.ipynb 54
 def train_cmd(config: str = "",  # YAML/JSON file of TrainConfig keys ('' = defaults)
               data: str = "",  # training data jsonl ({image, turns} rows or records)
               model: str = "",  # base model: family name, hub id or directory
@@ -643,12 +646,12 @@ def main(argv: list[str] | None = None):
     res = train(cfg)
     return {k: v for k, v in res.items() if k not in ("model", "processor", "log_history")}
 
-# %% ../nbs/08_train.ipynb 53
+# %% ../nbs/08_train.ipynb 55
 if __name__ == "__main__" and "__file__" in globals() and globals()["__file__"].endswith("train.py"):
     try: main()
     except PathinsightError as e: raise SystemExit(f"error: {e}")
 
-# %% ../nbs/08_train.ipynb 56
+# %% ../nbs/08_train.ipynb 58
 def bench_vs_trl(n: int = 32,  # training examples
                  steps: int = 10,  # optimiser steps for each trainer
                  batch_size: int = 8,  # per-device batch size
@@ -702,21 +705,30 @@ def bench_vs_trl(n: int = 32,  # training examples
         return r
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
-# %% ../nbs/08_train.ipynb 60
+# %% ../nbs/08_train.ipynb 62
 GRID_MODES = (("lora", False), ("qlora", False), ("full", False), ("full", True))
 
-def learning_grid(families=("llava", "qwen2-vl", "internvl"), modes=GRID_MODES, steps: int = 1500, n_train: int = 80,
-                  controls: bool = True, out_csv=None, **kw) -> list[dict]:
+def _grid_run(args: dict) -> dict: return learning_check(**args)
+
+def learning_grid(families=("llava", "qwen2-vl", "internvl"), modes=GRID_MODES,  # families; (mode, freeze vision) pairs
+                  steps: int = 3000, n_train: int = 80, hidden: int = 64,  # run length, train tiles per class, tiny model width
+                  controls: bool = True,  # add a label-shuffled control (full mode) per family
+                  workers: int = 1,  # runs in parallel (separate processes, one thread each)
+                  out_csv=None, **kw) -> list[dict]:
     "`learning_check` for every family × mode (and a shuffled-label control per family); optional csv of the results."
-    res = []
+    common = dict(steps=steps, n_train=n_train, hidden=hidden, per_device_train_batch_size=16, learning_rate=2e-3, **kw)
+    runs = []
     for fam in families:
-        for mode, fv in modes:
-            res.append(learning_check(fam, mode, freeze_vision=fv, steps=steps, n_train=n_train, per_device_train_batch_size=16,
-                                      learning_rate=2e-3, lora_r=32, lora_alpha=64, **kw))
-        if controls: res.append(learning_check(fam, "full", shuffle_labels=True, steps=steps, n_train=n_train,
-                                               per_device_train_batch_size=16, learning_rate=2e-3, **kw))
+        runs += [dict(family=fam, mode=mode, freeze_vision=fv, lora_r=32, lora_alpha=64, **common) for mode, fv in modes]
+        if controls: runs.append(dict(family=fam, mode="full", shuffle_labels=True, **common))
+    if workers > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        import pathinsight.train as lib  # the workers import the installed module (not a notebook's __main__)
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+            res = list(ex.map(lib._grid_run, [dict(r, threads=1) for r in runs]))
+    else: res = [_grid_run(r) for r in runs]
     if out_csv:
-        keys = [k for k in res[0]]
         with atomic_write(out_csv, newline="") as f:
-            w = csv.DictWriter(f, keys); w.writeheader(); w.writerows(res)
+            w = csv.DictWriter(f, list(res[0])); w.writeheader(); w.writerows(res)
     return res
