@@ -12,9 +12,9 @@ from typing import Any, Iterable, Iterator
 # %% auto 0
 __all__ = ['TASKS', 'ROLES', 'CRC_CLASSES', 'PathinsightError', 'Record', 'record_features', 'Rejection', 'stable_hash',
            'rng_for', 'seed_everything', 'file_sha256', 'bytes_sha256', 'pathinsight_home', 'cache_dir', 'atomic_write',
-           'atomic_dir', 'write_json', 'write_jsonl', 'read_jsonl', 'get_logger', 'progress', 'config_from_dict',
-           'read_config_file', 'load_config', 'sample_data_dir', 'in_colab', 'hub_reachable', 'runtime_info',
-           'choose_model']
+           'remove_stale_temps', 'atomic_dir', 'write_json', 'write_jsonl', 'read_jsonl', 'get_logger', 'progress',
+           'config_from_dict', 'read_config_file', 'load_config', 'sample_data_dir', 'in_colab', 'hub_reachable',
+           'runtime_info', 'choose_model']
 
 # %% ../nbs/00_core.ipynb 6
 class PathinsightError(Exception):
@@ -157,17 +157,39 @@ def atomic_write(path, mode: str = "w", **kw):
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
 
+def _pid_alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+def remove_stale_temps(path) -> list[Path]:
+    "Remove the temporary folders beside `path` left by dead processes of this host (hard-killed runs); return them."
+    import re, socket
+    path, host, gone = Path(path), socket.gethostname(), []
+    pat = re.compile(rf"\.{re.escape(path.name)}\.(?P<host>[^@]+)@(?P<pid>\d+)\.[^.]+\.tmp")
+    if not path.parent.is_dir(): return gone
+    for d in path.parent.iterdir():
+        m = pat.fullmatch(d.name)
+        if m and d.is_dir() and m["host"] == host and not _pid_alive(int(m["pid"])):
+            shutil.rmtree(d, ignore_errors=True); gone.append(d)
+    return gone
+
 @contextlib.contextmanager
 def atomic_dir(path, overwrite: bool = True):
     "Yield a temporary directory beside `path`; on success move it to `path` (replacing it when `overwrite`)."
+    import socket
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite: raise PathinsightError(f"{path} exists (pass overwrite=True to replace it)")
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    for d in remove_stale_temps(path): logging.getLogger("pathinsight").warning(f"removed {d.name}, left by an interrupted run")
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{socket.gethostname()}@{os.getpid()}.", suffix=".tmp"))
     try:
         yield tmp
-        if path.exists(): shutil.rmtree(path)
-        os.replace(tmp, path)
+        if path.exists():  # keep the old output on disk until the new one is in place
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old.", suffix=".tmp"))
+            os.replace(path, old/"x"); os.replace(tmp, path); shutil.rmtree(old, ignore_errors=True)
+        else: os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
