@@ -318,10 +318,10 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 def check_model_dir(model) -> Path | str:
     "Check `model` is a saved model (with its processor), a LoRA adapter directory or a hub id; a clear error otherwise."
-    from pathinsight.models import _looks_like_hub_id
+    from pathinsight.models import looks_like_hub_id
     p = Path(model)
     if not p.is_dir():
-        if _looks_like_hub_id(str(model)): return str(model)  # an untuned base model from the hub (Table 2's base row)
+        if looks_like_hub_id(str(model)): return str(model)  # an untuned base model from the hub (Table 2's base row)
         raise PathinsightError(f"model directory not found: {p}")
     if (p/"adapter_config.json").exists(): return p  # the processor may come with the base model
     if not (p/"config.json").exists(): raise PathinsightError(f"{p}: no config.json (not a saved model)")
@@ -357,8 +357,7 @@ def eval_cmd(model: str | None = None,  # saved model or LoRA adapter directory 
     from pathinsight.models import load_trained
     if prompt_seed is None: prompt_seed = training_seed(model)
     examples = [to_conversation(r, seed=prompt_seed) for r in recs]
-    from pathinsight.models import four_bit_kwargs
-    m, proc, _ = load_trained(model, **(four_bit_kwargs() if load_in_4bit else {}))
+    m, proc, _ = load_trained(model, load_in_4bit=load_in_4bit)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     predict(m, proc, examples, out/"predictions.jsonl", batch_size=batch_size, max_new_tokens=max_new_tokens, image_root=root)
     res = score_run(out/"predictions.jsonl", data, out, name=name, split=split, model=model, records=recs)

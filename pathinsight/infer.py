@@ -160,8 +160,7 @@ def ask_cmd(image: str,  # image file
     "Ask a vision-language model a question about an image and print the answer."
     if not model: raise PathinsightError("give the model: --model PATH")
     if not Path(image).exists(): raise PathinsightError(f"image not found: {image}")
-    from pathinsight.models import four_bit_kwargs
-    m, proc, _ = load_trained(model, trust_remote_code=trust_remote_code, **(four_bit_kwargs() if load_in_4bit else {}))
+    m, proc, _ = load_trained(model, trust_remote_code=trust_remote_code, load_in_4bit=load_in_4bit)
     try: ans = ask(m, proc, image, question, max_new_tokens)
     except EncodeRejected as e: raise PathinsightError(str(e)) from None
     print(ans)

@@ -12,9 +12,10 @@ from .core import PathinsightError, CRC_CLASSES, seed_everything, get_logger
 
 # %% auto 0
 __all__ = ['LLAVA_TEMPLATE', 'QWEN2VL_TEMPLATE', 'INTERNVL_TEMPLATE', 'FAMILIES', 'DEFAULT_TEXTS', 'IGNORE', 'Family',
-           'get_family', 'tiny_tokenizer', 'tiny_model', 'save_model', 'disable_bnb_cpu_repack', 'load_model',
-           'model_parts', 'lora_targets', 'inference_device', 'place_model', 'load_trained', 'four_bit_kwargs',
-           'tutorial_load_kwargs', 'tutorial_model', 'EncodeRejected', 'load_image', 'to_messages']
+           'get_family', 'tiny_tokenizer', 'tiny_model', 'save_model', 'disable_bnb_cpu_repack',
+           'default_compute_dtype', 'load_model', 'model_parts', 'lora_targets', 'inference_device', 'place_model',
+           'looks_like_hub_id', 'load_trained', 'tutorial_load_kwargs', 'tutorial_model', 'EncodeRejected',
+           'load_image', 'to_messages']
 
 # %% ../nbs/07_models.ipynb 6
 _TEXT = "{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}{%- for c in m['content'] -%}{%- if c['type'] == 'text' -%}{{ c['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}"
@@ -260,12 +261,18 @@ def disable_bnb_cpu_repack(model) -> int:
         if isinstance(m, bnb.nn.Linear4bit): m.support_avx512bf16_for_cpu = False; n += 1
     return n
 
+def default_compute_dtype() -> str:
+    "The 4-bit compute dtype: bfloat16 on GPUs that have it, float16 on other GPUs (a T4), float32 on CPU."
+    import torch
+    if not torch.cuda.is_available(): return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
 def load_model(spec_or_dir: str | Path,  # family name, hub id or local directory
                family: str | None = None,  # family (default: read from config.json or the spec)
                dtype: str = "auto",  # torch dtype name: auto | float32 | bfloat16 | float16
                device_map: str | dict | None = None,  # e.g. "cpu", "auto", {"": 0}
                load_in_4bit: bool = False,  # QLoRA: nf4 4-bit weights with double quantisation
-               compute_dtype: str = "float32",  # 4-bit compute dtype (bfloat16 on GPUs)
+               compute_dtype: str = "auto",  # 4-bit compute dtype ('auto': `default_compute_dtype()`)
                trust_remote_code: bool = False,  # allow remote-code families (Qwen-VL-Chat, XComposer2); never default
                local_files_only: bool | None = None):  # do not try the hub (default: when a local directory is given)
     "Load (model, processor, family) safely from a family name, hub id or directory."
@@ -287,7 +294,7 @@ def load_model(spec_or_dir: str | Path,  # family name, hub id or local director
         from transformers import BitsAndBytesConfig
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+            bnb_4bit_compute_dtype=getattr(torch, default_compute_dtype() if compute_dtype == "auto" else compute_dtype),
             llm_int8_skip_modules=[fam.lm_head, fam.projector])  # full paths: matched from the start of module names
         kw.setdefault("device_map", "cpu" if not torch.cuda.is_available() else {"": int(os.environ.get("LOCAL_RANK", 0))})  # this process's GPU
     auto = getattr(transformers, fam.auto_class)
@@ -350,7 +357,8 @@ def place_model(model, device: str = "auto"):
     if getattr(model, "hf_device_map", None) or device is None: return model
     return model.to(inference_device(device))
 
-def _looks_like_hub_id(spec: str) -> bool:
+def looks_like_hub_id(spec: str) -> bool:
+    "Whether `spec` names a model on the hub (a family name or `org/name`) rather than a local path."
     return spec in FAMILIES or (spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).exists())
 
 def load_trained(path,  # a trained output directory (full model or LoRA adapter), or a hub id / family name (an untuned base)
@@ -359,15 +367,12 @@ def load_trained(path,  # a trained output directory (full model or LoRA adapter
                  device: str | None = "auto",  # where to put the model: auto (GPU when present) | cpu | cuda | None (leave it)
                  **kw):  # passed to `load_model` for the base model
     "Load (model, processor, family) for inference from a trained output (full model or LoRA adapter + its base) or a base model."
-    if not Path(path).is_dir():
-        if not _looks_like_hub_id(str(path)): raise PathinsightError(f"model directory not found: {path}")
+    if not Path(path).is_dir() and not looks_like_hub_id(str(path)): raise PathinsightError(f"model directory not found: {path}")
+    ad = Path(path)/"adapter_config.json"
+    if not ad.exists():  # a full model directory, or a hub id / family name
         model, processor, fam = load_model(str(path), trust_remote_code=trust_remote_code, **kw)
         return place_model(model, device), processor, fam
     path = Path(path)
-    ad = path/"adapter_config.json"
-    if not ad.exists():
-        model, processor, fam = load_model(path, trust_remote_code=trust_remote_code, **kw)
-        return place_model(model, device), processor, fam
     info = json.loads((path/"pathinsight_train.json").read_text()) if (path/"pathinsight_train.json").exists() else {}
     base = info.get("base_model") or json.loads(ad.read_text()).get("base_model_name_or_path")
     if not base: raise PathinsightError(f"{path}: adapter without a known base model (no pathinsight_train.json / base_model_name_or_path)")
@@ -382,12 +387,6 @@ def load_trained(path,  # a trained output directory (full model or LoRA adapter
     return place_model(model, device), processor, fam
 
 # %% ../nbs/07_models.ipynb 31
-def four_bit_kwargs() -> dict:
-    "`load_model` arguments for 4-bit nf4 weights, computing in bf16 (or fp16 on GPUs without it; fp32 on CPU)."
-    import torch
-    cuda = torch.cuda.is_available()
-    return dict(load_in_4bit=True, compute_dtype=("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if cuda else "float32")
-
 def tutorial_load_kwargs(gpu_gib: float | None,  # GPU memory in GiB (None: no GPU)
                          bf16: bool = False,  # the GPU supports bfloat16
                         ) -> dict:
@@ -415,7 +414,7 @@ def tutorial_model(family: str = "llava",  # model family (see `FAMILIES`)
     if src == fam.hub_id:
         props = torch.cuda.get_device_properties(0)
         kw = tutorial_load_kwargs(props.total_memory / 2**30, torch.cuda.is_bf16_supported())
-    model, processor, fam = load_trained(src, trust_remote_code=False, **kw)
+    model, processor, fam = load_trained(src, **kw)
     print(f"{fam.name}: {sum(p.numel() for p in model.parameters()):,} parameters on {next(model.parameters()).device}")
     return model, processor, fam, src
 

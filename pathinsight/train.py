@@ -219,7 +219,7 @@ class TrainConfig:
     logging_steps: int = 10  # log the loss every this many steps
     eval_strategy: str = "no"  # evaluation schedule: no | steps | epoch
     bf16: bool | None = None  # bf16 mixed precision (None: on when CUDA supports it)
-    compute_dtype: str = ""  # QLoRA 4-bit compute dtype ('' = bfloat16 on CUDA, float32 on CPU)
+    compute_dtype: str = ""  # QLoRA 4-bit compute dtype ('' = bfloat16 on GPUs with it, float16 on others, float32 on CPU)
     gradient_checkpointing: bool = False  # trade compute for memory (big models)
     deepspeed: str = ""  # DeepSpeed: 'zero2', 'zero3' or a path to a JSON config ('' = off)
     resume_from_checkpoint: str = ""  # '' | 'latest' | a checkpoint directory
@@ -442,8 +442,7 @@ def train(cfg: TrainConfig | dict | str | None = None,  # config, dict or YAML/J
             if not rank0:
                 while not (base/"config.json").exists(): time.sleep(1)
             cfg.model = str(base)
-        compute = cfg.compute_dtype or (("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if torch.cuda.is_available() else "float32")
-        model, processor, fam = load_model(cfg.model, cfg.family or None, load_in_4bit=cfg.mode == "qlora", compute_dtype=compute)
+        model, processor, fam = load_model(cfg.model, cfg.family or None, load_in_4bit=cfg.mode == "qlora", compute_dtype=cfg.compute_dtype or "auto")
     fam = get_family(cfg.family or model)
     if cfg.mode == "qlora" and not any(type(m).__name__ == "Linear4bit" for m in model.modules()):
         raise PathinsightError("qlora mode needs a 4-bit model: load it with load_model(..., load_in_4bit=True)")
