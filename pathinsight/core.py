@@ -13,8 +13,7 @@ from typing import Any, Iterable, Iterator
 __all__ = ['TASKS', 'ROLES', 'CRC_CLASSES', 'PathinsightError', 'Record', 'record_features', 'Rejection', 'stable_hash',
            'rng_for', 'seed_everything', 'file_sha256', 'bytes_sha256', 'pathinsight_home', 'cache_dir', 'atomic_write',
            'remove_stale_temps', 'atomic_dir', 'write_json', 'write_jsonl', 'read_jsonl', 'get_logger', 'progress',
-           'config_from_dict', 'read_config_file', 'load_config', 'sample_data_dir', 'in_colab', 'hub_reachable',
-           'runtime_info', 'choose_model']
+           'config_from_dict', 'read_config_file', 'load_config', 'sample_data_dir']
 
 # %% ../nbs/00_core.ipynb 6
 class PathinsightError(Exception):
@@ -266,48 +265,3 @@ def sample_data_dir() -> Path | None:
         cand = base/"shared"/"data"
         if (cand/"SOURCES.md").exists(): return cand
     return None
-
-# %% ../nbs/00_core.ipynb 41
-def in_colab() -> bool:
-    "True when running inside Google Colab."
-    import sys
-    return "google.colab" in sys.modules
-
-def hub_reachable(timeout: float = 3.0,  # seconds to wait for the hub
-                  url: str = "https://huggingface.co",  # the hub to try
-                 ) -> bool:
-    "Whether the Hugging Face hub answers (False at once when `HF_HUB_OFFLINE` is set)."
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"): return False
-    import urllib.request
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout)
-        return True
-    except Exception: return False
-
-def runtime_info(check_hub: bool = True) -> dict:
-    "Device (cuda + GPU name, or cpu), Colab or not, and hub reachability; printed on one line."
-    dev, gpu = "cpu", ""
-    try:
-        import torch
-        if torch.cuda.is_available(): dev, gpu = "cuda", torch.cuda.get_device_name(0)
-    except ImportError: pass
-    info = {"device": dev, "gpu": gpu, "colab": in_colab(), "hub": hub_reachable() if check_hub else None}
-    print(f"device: {dev}{' (' + gpu + ')' if gpu else ''} | colab: {info['colab']} | "
-          f"model hub: {'reachable' if info['hub'] else 'offline' if info['hub'] is False else 'not checked'}")
-    return info
-
-def choose_model(real: str,  # the real checkpoint (hub id)
-                 fallback,  # a tiny offline model: a path, or a function building one and returning its path
-                 hub: bool | None = None,  # hub reachability (None: check)
-                 gpu: bool | None = None,  # a usable GPU is present (None: do not require one)
-                ) -> str:
-    "The real hub id when the hub is reachable (and, if asked, a GPU is present), else the tiny offline fallback; prints which."
-    hub = hub_reachable() if hub is None else hub
-    if hub and gpu is not False:
-        print(f"using the real model {real}")
-        return real
-    path = str(fallback() if callable(fallback) else fallback)
-    why = "model hub unreachable" if not hub else "no GPU for a model of this size"
-    print(f"{why}: using the tiny offline model {path} instead of {real}")
-    return path
-
