@@ -6,7 +6,7 @@
 from __future__ import annotations
 import csv, json, math, os, random, shutil, tempfile, time
 from pathlib import Path
-from .core import CRC_CLASSES, PathinsightError, Record, atomic_write, read_jsonl, rng_for
+from .core import CRC_CLASSES, PathinsightError, Record, atomic_write, make_options, read_jsonl, rng_for
 from .synth import synth_tile, write_synth
 from .sources import write_pcam_h5
 from .clip import embed_images, load_clip, tiny_clip
@@ -38,7 +38,7 @@ def synth_classification(root,  # folder for the synthetic tiles (created)
     tr, te, k = [], [], {c: 0 for c in classes}
     for r in rows:
         rec = Record(id=f"synth-{Path(r['image']).stem}", source="synth", task="classify", image=r["image"], label=r["label"],
-                     group=r["group"], meta=json.dumps({"options": opts}))
+                     group=r["group"], options=make_options(opts))
         ex = {"id": rec.id, "image": str(root/r["image"]), "turns": to_turns(rec, seed=seed), "label": r["label"]}
         (tr if k[r["label"]] < n_train else te).append(ex); k[r["label"]] += 1
     return tr, te[:n_test * len(classes)], list(opts.values())
@@ -322,7 +322,7 @@ def bench_export(n: int = 50_000,  # records per format
         recs = []
         for i in range(n):
             c = codes[i % 9]; img = f"{c}/{c}-0.png"; k = i % 4
-            if k == 0: recs.append(Record(f"b-{i}", "synth", "classify", image=img, label=c))
+            if k == 0: recs.append(Record(f"b-{i}", "synth", "classify", image=img, label=c, options=make_options(CRC_CLASSES)))
             elif k == 1: recs.append(Record(f"b-{i}", "synth", "caption", image=img, caption=f"A tile of {CRC_CLASSES[c]} number {i}."))
             elif k == 2: recs.append(Record(f"b-{i}", "synth", "vqa", image=img, question=f"Is this {CRC_CLASSES[c]}?", answer="yes"))
             else: recs.append(Record(f"b-{i}", "synth", "conversation", image=img, turns=[

@@ -4,12 +4,15 @@
 
 # %% ../nbs/07_build.ipynb 3
 from __future__ import annotations
-import contextlib, dataclasses, inspect, io, json, os, shutil, tempfile, threading, time
+import dataclasses, inspect, io, json, os, shutil, tempfile, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from .core import (PathinsightError, Record, Rejection, TASKS, atomic_dir, bytes_sha256, config_from_dict,
-                              file_sha256, get_logger, load_config, progress, rng_for, stable_hash, write_json, write_jsonl)
+import pathinsight
+from .core import (PathinsightError, Record, Rejection, TASKS, atomic_dir, atomic_write, bytes_sha256,
+                              config_from_dict, file_sha256, get_logger, load_config, progress, record_features, rng_for,
+                              stable_hash, unknown_keys_error, write_json, write_jsonl)
+from .synth import write_synth
 from .images import close_images, is_container_ref, open_image, to_rgb
 from .sources import LOADERS, load_source
 from .clean import CleanConfig, UnionFind, clean_records
@@ -17,8 +20,9 @@ from .clip import ClipConfig, clip_filter_records
 
 # %% auto 0
 __all__ = ['PAPER_CAPS', 'SourceSpec', 'BuildConfig', 'synth_specs', 'paper_config', 'input_hash', 'load_all', 'sample_balanced',
-           'group_split', 'count_leaks', 'encode_png', 'materialise_image', 'table1', 'clip_filter_sources', 'build',
-           'build_cmd']
+           'group_split', 'count_leaks', 'encode_png', 'materialise_image', 'table1', 'build_stats',
+           'clip_filter_sources', 'resolve_specs', 'count_records', 'ImageStager', 'clean_sources', 'rejection_rows',
+           'sample_sources', 'assign_splits', 'store_images', 'save_splits', 'write_reports', 'build', 'build_cmd']
 
 # %% ../nbs/07_build.ipynb 6
 PAPER_CAPS = {"bladder/caption": 14300, "openpath/caption": 8900, "pcam/classify": 10000, "crc/classify": 7200,
@@ -40,13 +44,16 @@ class SourceSpec:
         if self.loader not in LOADERS: raise PathinsightError(f"source {self.path!r}: unknown loader {self.loader!r} (known: {sorted(LOADERS)})")
         bad = [t for t in self.tasks if t not in TASKS]
         if bad: raise PathinsightError(f"source {self.path!r}: unknown task(s) {bad} (known: {list(TASKS)})")
+        known = set(inspect.signature(LOADERS[self.loader]).parameters) - {"path", "root"}
+        if set(self.options) - known: raise unknown_keys_error(f"source {self.path!r}: options of loader {self.loader!r}", set(self.options) - known, known)
+        if self.clip is not None: config_from_dict(ClipConfig, self.clip, where=f"source {self.path!r}: clip")
         self.name = self.name or self.loader
 
 @dataclass
 class BuildConfig:
     "What to build: sources, caps, split and cleaning settings."
     sources: list = field(default_factory=list)  # SourceSpec dicts; empty: the embedded synthetic dataset
-    caps: dict = field(default_factory=lambda: dict(PAPER_CAPS))  # 'source/task' -> records kept after cleaning
+    caps: dict | None = None  # 'source/task' -> records kept after cleaning (None: the paper's Table 1 caps)
     test_frac: float = 0.1  # fraction of records (by whole groups) in the test split
     clean: dict = field(default_factory=dict)  # CleanConfig overrides (min_side, min_tissue, near_dup_bits, ...)
     seed: int = 0  # seed of every random choice (sampling, split, report choice)
@@ -59,6 +66,14 @@ class BuildConfig:
                         for i, s in enumerate(self.sources)]
         if not 0 <= self.test_frac < 1: raise PathinsightError(f"test_frac must be in [0, 1), got {self.test_frac}")
         self.clean_config()
+        if self.caps is not None: self.check_caps()
+
+    def check_caps(self):
+        "Every cap names a source of this config (or `synth` when it has none) and a task: a typo is an error."
+        names = [s.name for s in self.sources] or ["synth"]
+        known = {f"{n}/{t}" for n in names for t in TASKS}
+        bad = set(self.caps) - known
+        if bad: raise unknown_keys_error("caps", bad, known)
 
     def clean_config(self) -> CleanConfig:
         "The cleaning thresholds."
@@ -66,7 +81,8 @@ class BuildConfig:
 
     def cap_for(self, spec: SourceSpec, task: str) -> int | None:
         "The cap of `task` records from `spec`."
-        return spec.cap if spec.cap is not None else self.caps.get(f"{spec.name}/{task}")
+        caps = PAPER_CAPS if self.caps is None else self.caps
+        return spec.cap if spec.cap is not None else caps.get(f"{spec.name}/{task}")
 
 # %% ../nbs/07_build.ipynb 9
 def synth_specs(root) -> list[SourceSpec]:
@@ -225,20 +241,31 @@ def table1(stats: dict) -> str:
               f"Dataset fingerprint: `{stats['fingerprint']}`."]
     return "\n".join(lines) + "\n"
 
-def _stats(original, cleaned, final, rej_rows, leaks, fingerprint) -> dict:
+def _table1_row(src: str, task: str, original: int, cleaned: int, final: list) -> dict:
+    fin = [r for r in final if (r.source, r.task) == (src, task)]
+    return {"task": task, "source": src, "original": original, "after_cleaning": cleaned,
+            "remaining_pct": round(100*cleaned/original, 2) if original else 0.0, "final": len(fin),
+            "train": sum(r.split == "train" for r in fin), "test": sum(r.split == "test" for r in fin)}
+
+def build_stats(original: dict,  # (source, task) -> records loaded (and rejected at load)
+                cleaned: dict,  # (source, task) -> records kept by cleaning and CLIP filtering
+                final: list,  # the sampled, split records
+                rej_rows: list,  # every rejection row
+                leaks: int,  # groups / clusters straddling train and test
+                fingerprint: str,  # the dataset fingerprint
+                skipped: dict | None = None,  # (source, task) -> records of tasks a source spec does not keep
+               ) -> dict:
+    "The build's statistics: Table 1 rows and total, rejections per reason, leaks, fingerprint, skipped and unsampled counts."
     keys = sorted(set(original) | set(cleaned), key=lambda k: (TASKS.index(k[1]) if k[1] in TASKS else 9, k[0]))
-    rows = []
-    for src, task in keys:
-        o, c = original.get((src, task), 0), cleaned.get((src, task), 0)
-        fin = [r for r in final if (r.source, r.task) == (src, task)]
-        rows.append({"task": task, "source": src, "original": o, "after_cleaning": c,
-                     "remaining_pct": round(100*c/o, 2) if o else 0.0, "final": len(fin),
-                     "train": sum(r.split == "train" for r in fin), "test": sum(r.split == "test" for r in fin)})
+    rows = [_table1_row(s, t, original.get((s, t), 0), cleaned.get((s, t), 0), final) for s, t in keys]
     tot = {k: sum(r[k] for r in rows) for k in ("original", "after_cleaning", "final", "train", "test")}
     tot["remaining_pct"] = round(100*tot["after_cleaning"]/tot["original"], 2) if tot["original"] else 0.0
     reasons = {}
     for r in rej_rows: reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-    return {"rows": rows, "total": tot, "rejections": dict(sorted(reasons.items())), "leaks": leaks, "fingerprint": fingerprint}
+    final_n = count_records(final)
+    return {"rows": rows, "total": tot, "rejections": dict(sorted(reasons.items())), "leaks": leaks, "fingerprint": fingerprint,
+            "skipped_task": {f"{s}/{t}": n for (s, t), n in sorted((skipped or {}).items())},
+            "not_sampled": {f"{s}/{t}": n - final_n.get((s, t), 0) for (s, t), n in sorted(cleaned.items())}}
 
 # %% ../nbs/07_build.ipynb 25
 def clip_filter_sources(records: list,  # cleaned records of all sources
@@ -255,6 +282,87 @@ def clip_filter_sources(records: list,  # cleaned records of all sources
     return sorted(kept, key=lambda r: order[r.id]), rej
 
 # %% ../nbs/07_build.ipynb 27
+def resolve_specs(cfg: BuildConfig, seed: int, synth_root) -> list:
+    "The sources to read (the synthetic dataset under `synth_root` when the config has none), paths checked, PCam capped by index."
+    specs = [dataclasses.replace(s, options=dict(s.options)) for s in cfg.sources]
+    if not specs:
+        specs = synth_specs(write_synth(Path(synth_root)/"synth", n_per_class=cfg.synth_per_class, size=cfg.synth_size, seed=seed))
+    for s in specs:
+        if not Path(s.path).exists(): raise PathinsightError(f"source {s.name!r} ({s.loader}): path not found: {s.path}")
+    for s in specs:  # PCam: draw the cap by index, before reading any pixels
+        if s.loader == "pcam" and "k" not in s.options and cfg.cap_for(s, "classify") is not None:
+            s.options = {**s.options, "k": cfg.cap_for(s, "classify")}
+    return specs
+
+def count_records(records: list, rejection_rows: list = ()) -> dict:
+    "(source, task) -> how many records (and rejection rows) there are."
+    n = {}
+    for r in records: n[(r.source, r.task)] = n.get((r.source, r.task), 0) + 1
+    for r in rejection_rows: n[(r["source"], r["task"])] = n.get((r["source"], r["task"]), 0) + 1
+    return n
+
+# %% ../nbs/07_build.ipynb 28
+class ImageStager:
+    "An `on_image` hook for cleaning: PNG-encodes container (h5) images in worker threads as they are decoded."
+    def __init__(self, folder: Path, workers: int = 2):
+        self.folder, self.staged = Path(folder), {}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.pool = ThreadPoolExecutor(max(1, workers))
+        self.slots = threading.BoundedSemaphore(8*max(1, workers))  # bounds the images waiting in memory
+    def _encode(self, img, path: Path) -> str:
+        try:
+            data = encode_png(img); path.write_bytes(data)
+            return bytes_sha256(data)
+        finally: self.slots.release()
+    def __call__(self, ref: str, img, info):
+        if not ref.startswith("h5://"): return
+        self.slots.acquire()
+        p = self.folder/f"{len(self.staged)}.png"
+        self.staged[ref] = (p, self.pool.submit(self._encode, img, p))
+    def finish(self) -> dict:
+        "Wait for the encoders: ref -> (PNG file, its sha256)."
+        self.pool.shutdown(wait=True)
+        return {k: (p, f.result()) for k, (p, f) in self.staged.items()}
+
+def clean_sources(records: list, cfg: BuildConfig, stage_dir: Path) -> tuple:
+    "Clean all records, staging container images as PNG meanwhile: (CleanResult, staged images)."
+    stager = ImageStager(stage_dir, cfg.workers)
+    try: res = clean_records(records, cfg.clean_config(), on_image=stager)
+    finally: staged = stager.finish()
+    return res, staged
+
+def rejection_rows(rejections: list, task_of: dict) -> list:
+    "Rejections as rows of `rejections.jsonl`, each with the task of its record."
+    return [{**x.to_dict(), "task": task_of.get(x.id, "")} for x in rejections]
+
+# %% ../nbs/07_build.ipynb 29
+def sample_sources(kept: list, specs: list, cfg: BuildConfig, seed: int) -> list:
+    "Each (source, task) capped and balanced (`sample_balanced`), in the order they come."
+    spec_of, by, final = {s.name: s for s in specs}, {}, []
+    for r in kept: by.setdefault((r.source, r.task), []).append(r)
+    for (src, task), rs in by.items(): final += sample_balanced(rs, cfg.cap_for(spec_of[src], task), seed)
+    return final
+
+def assign_splits(records: list, clusters: dict, test_frac: float, seed: int) -> int:
+    "Set each record's split (leakage-safe); returns the leak count, which must be 0."
+    split = group_split(records, clusters, test_frac, seed)
+    for r in records: r.split = split[r.id]
+    leaks = count_leaks(records, clusters)
+    if leaks: raise PathinsightError(f"internal error: {leaks} groups straddle train and test")
+    return leaks
+
+def store_images(records: list, infos: dict, out: Path, staged: dict) -> dict:
+    "Write every record's image under `out/images/<source>/` and point the record at it; relative path -> sha256."
+    done, hashes, first_src = {}, {}, {}
+    for r in records: first_src.setdefault(r.image, r.source)
+    for ref in progress(list(first_src), "store images"):
+        rel, h = materialise_image(ref, infos[ref], out, first_src[ref], staged.get(ref))
+        done[ref] = rel; hashes[rel] = h
+    close_images()
+    for r in records: r.image = done[r.image]
+    return hashes
+
+# %% ../nbs/07_build.ipynb 30
 def _row(r: Record) -> dict:
     "A record's fields as a dict (a shallow copy: `Record.to_dict` deep-copies, 10x slower on 100K records)."
     return dict(vars(r))
@@ -264,103 +372,63 @@ def _fingerprint(records: list, image_hashes: dict) -> str:
     imgs = "\n".join(f"{k}\t{v}" for k, v in sorted(image_hashes.items()))
     return bytes_sha256((rows + "\n\x1e\n" + imgs).encode())
 
+def save_splits(records: list, tmp: Path, fingerprint: str, out: Path, test_frac: float):
+    "Save the train and test splits as a `DatasetDict` (an empty split is left out, with a warning)."
+    from datasets import Dataset, DatasetDict
+    parts = {}
+    for name in ("train", "test"):
+        rows = [_row(r) for r in records if r.split == name]
+        if not rows:  # an empty split cannot be saved and reloaded by `datasets`: leave it out, say so
+            get_logger().warning(f"{out}: the {name} split is empty (too few groups for test_frac={test_frac}); not written"); continue
+        d = Dataset.from_list(rows, features=record_features())
+        parts[name] = Dataset(d.data, info=d.info, split=name, fingerprint=bytes_sha256(f"{fingerprint}/{name}".encode())[:16])
+    if not parts: raise PathinsightError(f"{out}: no records left to write (see the rejections)")
+    DatasetDict(parts).save_to_disk(str(tmp))
+
+def write_reports(tmp: Path, stats: dict, rej_rows: list, manifest: dict):
+    "Write stats.json, table1.md, rejections.jsonl and manifest.json."
+    write_json(tmp/"stats.json", stats)
+    with atomic_write(tmp/"table1.md") as f: f.write(table1(stats))
+    write_jsonl(tmp/"rejections.jsonl", rej_rows)
+    write_json(tmp/"manifest.json", manifest)
+
+# %% ../nbs/07_build.ipynb 31
 def build(config=None,  # BuildConfig, dict, YAML/JSON path, or None (the embedded synthetic dataset)
           out="pathenhance_ds",  # output folder (replaced atomically)
           seed: int | None = None,  # overrides the config's seed
           quiet: bool = False,  # no summary log line
          ) -> dict:
     "Build the dataset into `out`: DatasetDict + images, table1.md, stats.json, rejections.jsonl, manifest.json."
-    from datasets import Dataset, DatasetDict
-    from pathinsight.core import record_features
-    import datasets as _ds, pathinsight
+    import datasets
     cfg = config if isinstance(config, BuildConfig) else load_config(BuildConfig, config)
-    seed = cfg.seed if seed is None else seed
-    out = Path(out)
-    synth_dir = tempfile.TemporaryDirectory(prefix="pathinsight-synth-") if not cfg.sources else contextlib.nullcontext()
-    with synth_dir as synth_tmp:
-        specs = [dataclasses.replace(s, options=dict(s.options)) for s in cfg.sources]
-        if not specs:
-            from pathinsight.synth import write_synth
-            specs = synth_specs(write_synth(Path(synth_tmp)/"synth", n_per_class=cfg.synth_per_class, size=cfg.synth_size, seed=seed))
-        for s in specs:
-            if not Path(s.path).exists(): raise PathinsightError(f"source {s.name!r} ({s.loader}): path not found: {s.path}")
+    seed, out = cfg.seed if seed is None else seed, Path(out)
+    with tempfile.TemporaryDirectory(prefix="pathinsight-synth-") as synth_root:
+        specs = resolve_specs(cfg, seed, synth_root)
         inputs = [{"name": s.name, "loader": s.loader, **input_hash(s.path)} for s in specs]
-        for s in specs:  # PCam: draw the cap by index, before reading any pixels
-            if s.loader == "pcam" and "k" not in s.options and cfg.cap_for(s, "classify") is not None:
-                s.options = {**s.options, "k": cfg.cap_for(s, "classify")}
         with atomic_dir(out) as tmp:
             recs, rej_rows, skipped = load_all(specs, seed)
-            original = {}
-            for r in recs: original[(r.source, r.task)] = original.get((r.source, r.task), 0) + 1
-            for r in rej_rows: original[(r["source"], r["task"])] = original.get((r["source"], r["task"]), 0) + 1
-            task_of = {}
+            original, task_of = count_records(recs, rej_rows), {}
             for r in recs: task_of.setdefault(r.id, r.task)
-            stage, staged = tmp/".staged", {}
-            stage.mkdir()
-            pool = ThreadPoolExecutor(max(1, cfg.workers))
-            slots = threading.BoundedSemaphore(8*max(1, cfg.workers))  # bounds the images waiting in memory
-            def encode_to(img, path):
-                try:
-                    data = encode_png(img); path.write_bytes(data)
-                    return bytes_sha256(data)
-                finally: slots.release()
-            def on_image(ref, img, info):  # encode h5 patches (in worker threads) while they are decoded
-                if ref.startswith("h5://"):
-                    slots.acquire()
-                    p = stage/f"{len(staged)}.png"
-                    staged[ref] = (p, pool.submit(encode_to, img, p))
-            try: res = clean_records(recs, cfg.clean_config(), on_image=on_image)
-            finally: pool.shutdown(wait=True)
-            staged = {k: (p, f.result()) for k, (p, f) in staged.items()}
-            rej_rows += [{**x.to_dict(), "task": task_of.get(x.id, "")} for x in res.rejected]
-            spec_of = {s.name: s for s in specs}
-            kept, clip_rej = clip_filter_sources(res.kept, spec_of)
-            rej_rows += [{**x.to_dict(), "task": task_of.get(x.id, "")} for x in clip_rej]
-            cleaned = {}
-            for r in kept: cleaned[(r.source, r.task)] = cleaned.get((r.source, r.task), 0) + 1
-            by = {}
-            for r in kept: by.setdefault((r.source, r.task), []).append(r)
-            final = []
-            for (src, task), rs in by.items():
-                final += sample_balanced(rs, cfg.cap_for(spec_of[src], task) if src in spec_of else cfg.caps.get(f"{src}/{task}"), seed)
-            split = group_split(final, res.clusters, cfg.test_frac, seed)
-            for r in final: r.split = split[r.id]
-            leaks = count_leaks(final, res.clusters)
-            if leaks: raise PathinsightError(f"internal error: {leaks} groups straddle train and test")
-            done, image_hashes, first_src = {}, {}, {}
-            for r in final: first_src.setdefault(r.image, r.source)
-            for ref in progress(list(first_src), "store images"):
-                rel, h = materialise_image(ref, res.images[ref], tmp, first_src[ref], staged.get(ref))
-                done[ref] = rel; image_hashes[rel] = h
-            close_images(); shutil.rmtree(stage, ignore_errors=True)
-            for r in final: r.image = done[r.image]
+            res, staged = clean_sources(recs, cfg, tmp/".staged")
+            kept, clip_rej = clip_filter_sources(res.kept, {s.name: s for s in specs})
+            rej_rows += rejection_rows(res.rejected + clip_rej, task_of)
+            final = sample_sources(kept, specs, cfg, seed)
+            leaks = assign_splits(final, res.clusters, cfg.test_frac, seed)
+            image_hashes = store_images(final, res.images, tmp, staged)
+            shutil.rmtree(tmp/".staged", ignore_errors=True)
             fp = _fingerprint(final, image_hashes)
-            feats = record_features()
-            parts = {}
-            for name in ("train", "test"):
-                rows = [_row(r) for r in final if r.split == name]
-                if not rows:  # an empty split cannot be saved and reloaded by `datasets`: leave it out, say so
-                    get_logger().warning(f"{out}: the {name} split is empty (too few groups for test_frac={cfg.test_frac}); not written")
-                    continue
-                d = Dataset.from_list(rows, features=feats)
-                parts[name] = Dataset(d.data, info=d.info, split=name, fingerprint=bytes_sha256(f"{fp}/{name}".encode())[:16])
-            if not parts: raise PathinsightError(f"{out}: no records left to write (see the rejections)")
-            DatasetDict(parts).save_to_disk(str(tmp))
-            stats = _stats(original, cleaned, final, rej_rows, leaks, fp)
-            stats["skipped_task"] = {f"{s}/{t}": n for (s, t), n in sorted(skipped.items())}
-            stats["not_sampled"] = {f"{s}/{t}": cleaned[(s, t)] - sum(1 for r in final if (r.source, r.task) == (s, t)) for (s, t) in sorted(cleaned)}
-            write_json(tmp/"stats.json", stats)
-            (tmp/"table1.md").write_text(table1(stats))
-            write_jsonl(tmp/"rejections.jsonl", rej_rows)
-            write_json(tmp/"manifest.json", {"pathinsight_version": pathinsight.__version__, "datasets_version": _ds.__version__,
-                                             "seed": seed, "config": asdict(cfg), "inputs": inputs, "fingerprint": fp,
-                                             "counts": {"records": len(final), "images": len(image_hashes), "rejected": len(rej_rows)}})
+            save_splits(final, tmp, fp, out, cfg.test_frac)
+            stats = build_stats(original, count_records(kept), final, rej_rows, leaks, fp, skipped)
+            write_reports(tmp, stats, rej_rows, {
+                "pathinsight_version": pathinsight.__version__, "datasets_version": datasets.__version__, "seed": seed,
+                "config": asdict(cfg), "inputs": inputs, "fingerprint": fp,
+                "counts": {"records": len(final), "images": len(image_hashes), "rejected": len(rej_rows)}})
     if not quiet:
         get_logger().info(f"built {out}: {stats['total']['final']} records ({stats['total']['train']} train / "
                           f"{stats['total']['test']} test), {len(rej_rows)} rejected, leaks {leaks}")
     return stats
 
-# %% ../nbs/07_build.ipynb 43
+# %% ../nbs/07_build.ipynb 49
 def build_cmd(config: str = None,  # YAML/JSON build config (default: the embedded synthetic dataset)
               out: str = "pathenhance_ds",  # output folder (replaced atomically when the build succeeds)
               seed: int = None,  # random seed (default: the config's, 0)

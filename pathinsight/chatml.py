@@ -9,14 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .core import (Record, Rejection, PathinsightError, CRC_CLASSES, rng_for, atomic_write,
-                              write_json, write_jsonl, read_jsonl, read_config_file, progress, sample_data_dir)
+from .core import (Record, Rejection, PathinsightError, CRC_CLASSES, rng_for, atomic_write, label_set_name,
+                              option_answers, read_dataset, write_json, write_jsonl, read_jsonl, read_config_file, progress,
+                              sample_data_dir)
 
 # %% auto 0
-__all__ = ['DEFAULT_POOLS', 'PCAM_ANSWERS', 'FORMATS', 'load_pools', 'class_options', 'answer_for_label', 'label_for_answer',
-           'strip_image_tokens', 'to_turns', 'to_conversation', 'render_chatml', 'parse_chatml', 'ExportFormat',
-           'get_format', 'render_row', 'parse_row', 'check_conversation', 'ExportResult', 'sharegpt_dataset_info',
-           'export_conversations', 'export_records', 'read_export', 'load_records', 'export_cmd']
+__all__ = ['DEFAULT_POOLS', 'TURNS_OF_TASK', 'FORMATS', 'load_pools', 'strip_image_tokens', 'to_turns', 'to_conversation',
+           'render_chatml', 'parse_chatml', 'ExportFormat', 'get_format', 'render_row', 'parse_row',
+           'check_conversation', 'ExportResult', 'sharegpt_dataset_info', 'export_conversations', 'export_records',
+           'read_export', 'export_cmd']
 
 # %% ../nbs/08_chatml.ipynb 6
 DEFAULT_POOLS = {
@@ -71,43 +72,6 @@ def load_pools(src=None) -> dict:
     return pools
 
 # %% ../nbs/08_chatml.ipynb 10
-PCAM_ANSWERS = {"0": "no", "1": "yes"}
-_PCAM_ALIASES = {"1": "1", "tumor": "1", "tumour": "1", "positive": "1", "metastasis": "1", "true": "1", "yes": "1",
-                 "0": "0", "normal": "0", "negative": "0", "false": "0", "no": "0"}
-
-def class_options(label: str = "", source: str = "", options=None) -> dict:
-    "The mapping label code -> answer text for a classification record."
-    if source == "pcam": return PCAM_ANSWERS
-    if options:
-        if isinstance(options, dict): return {str(k): str(v) for k, v in options.items()}
-        return {str(o): str(o) for o in options}
-    if label in CRC_CLASSES or not label: return CRC_CLASSES
-    raise PathinsightError(f"label {label!r} is not a CRC class {sorted(CRC_CLASSES)} and no meta 'options' were given")
-
-def _norm_label(label, source, opts, options):
-    label = str(label)
-    if source == "pcam": label = _PCAM_ALIASES.get(label.strip().lower(), label)
-    elif isinstance(options, list) and label not in opts and label.isdigit() and int(label) < len(options): label = str(options[int(label)])
-    return label
-
-def answer_for_label(label: str,  # class code (or PCam 0/1, or an index into a list of options)
-                     source: str = "",  # record source ('pcam' selects yes/no)
-                     options=None,  # meta 'options': list of names or dict code -> name
-                    ) -> str:
-    "The answer text (class name) for a classification label."
-    opts = class_options(label, source, options)
-    key = _norm_label(label, source, opts, options)
-    if key not in opts: raise PathinsightError(f"label {label!r} is not one of {list(opts)}")
-    return opts[key]
-
-def label_for_answer(answer: str, source: str = "", options=None) -> str | None:
-    "The label code whose answer text matches `answer` (case- and space-insensitive), or None."
-    a = " ".join(str(answer).lower().split()).rstrip(".")
-    for k, v in class_options("", source, options).items():
-        if v.lower() == a: return k
-    return None
-
-# %% ../nbs/08_chatml.ipynb 13
 _IMG_TOKENS = re.compile(r"(?:Picture \d+:\s*)?<img>.*?</img>|<image>|<ImageHere>", re.S)
 
 def strip_image_tokens(text: str) -> str:
@@ -120,6 +84,25 @@ def strip_image_tokens(text: str) -> str:
 def _closed(r: Record) -> bool:
     return r.answer_type == "closed" or (not r.answer_type and r.answer.strip().lower() in ("yes", "no"))
 
+def _conversation_turns(r: Record, pick) -> list[dict]:
+    if not r.turns: raise PathinsightError(f"record {r.id!r}: conversation without turns")
+    return [{"role": t["role"], "content": strip_image_tokens(t.get("content") or "")} for t in r.turns]
+
+def _caption_turns(r: Record, pick) -> list[dict]:
+    return [{"role": "user", "content": pick("caption")}, {"role": "assistant", "content": r.caption}]
+
+def _vqa_turns(r: Record, pick) -> list[dict]:
+    query = pick("vqa_closed" if _closed(r) else "vqa_open").format(question=strip_image_tokens(r.question))
+    return [{"role": "user", "content": query}, {"role": "assistant", "content": r.answer}]
+
+def _classify_turns(r: Record, pick) -> list[dict]:
+    answer = r.label_answer()  # the record's options say what its label means
+    if label_set_name(r.options) == "pcam": query = pick("pcam")  # a yes/no question, not a list of options
+    else: query = pick("classify").format(options=", ".join(dict.fromkeys(option_answers(r.options).values())))
+    return [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+
+TURNS_OF_TASK = {"conversation": _conversation_turns, "caption": _caption_turns, "vqa": _vqa_turns, "classify": _classify_turns}
+
 def to_turns(record,  # a `Record` (or its dict)
              pools: dict | None = None,  # query pools (default `DEFAULT_POOLS`)
              seed: int = 0,  # seed for the query choice (with the record id)
@@ -129,25 +112,7 @@ def to_turns(record,  # a `Record` (or its dict)
     r = record if isinstance(record, Record) else Record.from_dict(record)
     P = DEFAULT_POOLS if pools is None else pools
     pick = lambda k: rng_for(seed, r.id).choice(P.get(k) or DEFAULT_POOLS[k])
-    if r.task == "conversation":
-        if not r.turns: raise PathinsightError(f"record {r.id!r}: conversation without turns")
-        turns = [{"role": t["role"], "content": strip_image_tokens(t.get("content") or "")} for t in r.turns]
-    elif r.task == "caption":
-        turns = [{"role": "user", "content": pick("caption")}, {"role": "assistant", "content": r.caption}]
-    elif r.task == "vqa":
-        q = strip_image_tokens(r.question)
-        turns = [{"role": "user", "content": pick("vqa_closed" if _closed(r) else "vqa_open").format(question=q)},
-                 {"role": "assistant", "content": r.answer}]
-    else:  # classify
-        meta = r.get_meta() if r.meta not in ("", "{}") else {}
-        try:
-            answer = answer_for_label(r.label, r.source, meta.get("options"))
-            if r.source == "pcam": query = pick("pcam")
-            else:
-                names = list(dict.fromkeys(class_options(r.label, r.source, meta.get("options")).values()))
-                query = pick("classify").format(options=", ".join(names))
-        except PathinsightError as e: raise PathinsightError(f"record {r.id!r}: {e}") from None
-        turns = [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+    turns = TURNS_OF_TASK[r.task](r, pick)
     if system and turns[0]["role"] != "system": turns.insert(0, {"role": "system", "content": system})
     return turns
 
@@ -156,7 +121,7 @@ def to_conversation(record, pools=None, seed: int = 0, system: str | None = None
     r = record if isinstance(record, Record) else Record.from_dict(record)
     return {"id": r.id, "source": r.source, "image": r.image, "turns": to_turns(r, pools, seed, system)}
 
-# %% ../nbs/08_chatml.ipynb 17
+# %% ../nbs/08_chatml.ipynb 14
 _CHATML_TURN = re.compile(r"<\|im_start\|>(system|user|assistant)\n(.*?)<\|im_end\|>", re.S)
 
 def render_chatml(turns: list[dict], image: str = "") -> str:
@@ -180,7 +145,7 @@ def parse_chatml(text: str) -> tuple[list[dict], str]:
         turns.append({"role": role, "content": c})
     return turns, image
 
-# %% ../nbs/08_chatml.ipynb 20
+# %% ../nbs/08_chatml.ipynb 17
 @dataclass(frozen=True)
 class ExportFormat:
     "How one training-data format spells a conversation."
@@ -212,7 +177,7 @@ def get_format(name: str) -> ExportFormat:
     if name not in FORMATS: raise PathinsightError(f"unknown export format {name!r} (choose from {', '.join(FORMATS)})")
     return FORMATS[name]
 
-# %% ../nbs/08_chatml.ipynb 22
+# %% ../nbs/08_chatml.ipynb 19
 def render_row(fmt: ExportFormat, conv: dict, image_path: str | None = None) -> dict:
     "One conversation `{id, image, turns}` as a row of format `fmt` (`image_path` overrides the written path)."
     image = conv.get("image") or ""
@@ -268,7 +233,7 @@ def parse_row(fmt: ExportFormat, row: dict, where: str = "row") -> dict:
     if len(images) > 1: raise PathinsightError(f"{where}: {len(images)} images; pathinsight records hold one")
     return {"id": str(row.get("id", where)), "image": images[0] if images else "", "turns": turns}
 
-# %% ../nbs/08_chatml.ipynb 25
+# %% ../nbs/08_chatml.ipynb 22
 def _count_placeholders(fmt: ExportFormat, row: dict) -> int:
     if fmt.parts: return sum(p.get("type") == "image" for t in row[fmt.turns_key] for p in t[fmt.text_key])
     return sum(len(re.findall(fmt.token, t[fmt.text_key])) for t in row[fmt.turns_key])
@@ -294,7 +259,7 @@ def check_conversation(conv: dict, fmt: ExportFormat, row: dict | None = None, r
         if n != (1 if image else 0): return "placeholder_mismatch", f"{n} image placeholder(s) for {1 if image else 0} image(s)"
     return None
 
-# %% ../nbs/08_chatml.ipynb 28
+# %% ../nbs/08_chatml.ipynb 25
 @dataclass
 class ExportResult:
     "What an export wrote."
@@ -381,28 +346,7 @@ def read_export(path, format: str) -> list[dict]:
     if not isinstance(rows, list): raise PathinsightError(f"{path}: expected a JSON list of rows")
     return [parse_row(fmt, r, f"{path}:row {i}") for i, r in enumerate(rows)]
 
-# %% ../nbs/08_chatml.ipynb 41
-def load_records(src, split: str = "train") -> tuple[list[Record], Path]:
-    "The records of a built dataset folder or a records `.jsonl`, and the root their image paths are relative to."
-    src = Path(src)
-    if not src.exists(): raise PathinsightError(f"dataset not found: {src}")
-    if src.is_file():
-        recs = []
-        for i, d in enumerate(read_jsonl(src), 1):
-            try: recs.append(Record.from_dict(d))
-            except (PathinsightError, TypeError) as e: raise PathinsightError(f"{src}:{i}: bad record ({e})") from None
-        if split != "all" and any(r.split for r in recs): recs = [r for r in recs if r.split == split]
-        return recs, src.parent
-    from datasets import load_from_disk, DatasetDict
-    try: ds = load_from_disk(str(src))
-    except Exception as e: raise PathinsightError(f"{src}: not a saved dataset ({e})") from None
-    if isinstance(ds, DatasetDict):
-        if split == "all": parts = list(ds.values())
-        elif split in ds: parts = [ds[split]]
-        else: raise PathinsightError(f"{src}: no split {split!r} (splits: {', '.join(ds)}, or 'all')")
-    else: parts = [ds]
-    return [Record.from_dict(row) for p in parts for row in p.to_list()], src
-
+# %% ../nbs/08_chatml.ipynb 38
 def export_cmd(dataset_dir: str,  # built dataset folder (DatasetDict saved with save_to_disk) or a records .jsonl
                format: str = "llava",  # llava | qwen-vl | ixc2 | sharegpt | messages
                out: str = None,  # output file (default DATASET_DIR/exports/<format>-<split>.json[l])
@@ -415,7 +359,7 @@ def export_cmd(dataset_dir: str,  # built dataset folder (DatasetDict saved with
               ) -> dict:
     "Export a built dataset as training conversations for one model family's format."
     fmt = get_format(format)
-    recs, root = load_records(dataset_dir, split)
+    recs, root = read_dataset(dataset_dir, split)
     if out is None: out = root/"exports"/f"{format}-{split}{fmt.suffix}"
     res = export_records(recs, format, out, root=root, pools=pools, seed=seed, system=system, skip_invalid=skip_invalid, absolute=absolute)
     rej_path = None

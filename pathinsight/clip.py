@@ -12,16 +12,17 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .core import (CRC_CLASSES, PathinsightError, Record, Rejection, atomic_dir, atomic_write, bytes_sha256,
-                              cache_dir, file_sha256, get_logger, load_config, progress, read_jsonl, record_features,
-                              sample_data_dir, write_json, write_jsonl)
+                              cache_dir, file_sha256, get_logger, label_set_name, load_config, option_answers, progress,
+                              read_dataset, read_jsonl, record_features, sample_data_dir, write_json, write_jsonl)
 from .tutorial import hub_files_only, offline_hub
 from .images import ImageError, content_key, is_container_ref, load_rgb, resolve_ref
 
 # %% auto 0
-__all__ = ['BIOMEDCLIP', 'HE_CLASSES', 'HE_TEMPLATES', 'CRC_ZS_CLASSES', 'PCAM_ZS_CLASSES', 'ZS_TEMPLATES', 'ClipConfig',
-           'ClipModel', 'load_clip', 'save_clip', 'tiny_clip', 'EmbeddingCache', 'embed_images', 'embed_texts',
-           'select_pairs', 'load_conch_prompts', 'class_embeddings', 'zero_shot_probs', 'clip_filter_records',
-           'zero_shot_predict', 'clip_filter_dataset', 'clip_filter_cmd', 'zeroshot_cmd']
+__all__ = ['BIOMEDCLIP', 'HE_CLASSES', 'HE_TEMPLATES', 'CRC_ZS_CLASSES', 'PCAM_ZS_CLASSES', 'ZS_CLASSES', 'ZS_TEMPLATES',
+           'ClipConfig', 'ClipModel', 'load_clip', 'save_clip', 'tiny_clip', 'EmbeddingCache', 'embed_images',
+           'embed_texts', 'select_pairs', 'load_conch_prompts', 'class_embeddings', 'zero_shot_probs',
+           'clip_filter_records', 'zero_shot_predict', 'write_filtered', 'clip_filter_dataset', 'clip_filter_cmd',
+           'zeroshot_cmd']
 
 # %% ../nbs/06_clip.ipynb 7
 BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
@@ -37,10 +38,11 @@ HE_CLASSES = {
     "text": ["a page of text", "a screenshot of text", "a table"]}
 HE_TEMPLATES = ["{}.", "this is {}.", "an image showing {}.", "a figure of {}."]
 
-# Zero-shot classification prompts: label code -> class names; templates in PLIP style
+# Zero-shot classification prompts per known label set (`core.LABEL_SETS`): label -> class names; templates in PLIP style
 CRC_ZS_CLASSES = {code: [name] for code, name in CRC_CLASSES.items()}
-PCAM_ZS_CLASSES = {"normal": ["normal lymph node tissue", "lymph node"],
+PCAM_ZS_CLASSES = {"normal": ["normal lymph node tissue", "lymph node"],  # PCam's answers are yes/no: these describe the tissue
                    "tumor": ["lymph node metastasis", "metastatic breast cancer in a lymph node"]}
+ZS_CLASSES = {"crc": CRC_ZS_CLASSES, "pcam": PCAM_ZS_CLASSES}
 ZS_TEMPLATES = ["an H&E image of {}.", "an H&E stained image of {}.", "a histopathology image of {}.", "{}."]
 
 @dataclass
@@ -472,9 +474,9 @@ def clip_filter_records(records: Sequence[Record | dict],  # records of one sour
 
 # %% ../nbs/06_clip.ipynb 47
 def _zs_classes_for(rec: Record) -> str:
-    if rec.label in CRC_CLASSES: return "crc"
-    if rec.label in PCAM_ZS_CLASSES: return "pcam"
-    raise PathinsightError(f"record {rec.id!r}: no zero-shot prompts for label {rec.label!r} (pass `classes`)")
+    name = label_set_name(rec.options)
+    if name in ZS_CLASSES: return name
+    raise PathinsightError(f"record {rec.id!r}: no zero-shot prompts for its label set {list(option_answers(rec.options))} (pass `classes`)")
 
 def zero_shot_predict(clip: ClipModel,  # the model
                       records: Sequence[Record | dict],  # classify records
@@ -490,7 +492,7 @@ def zero_shot_predict(clip: ClipModel,  # the model
     recs = [r if isinstance(r, Record) else Record.from_dict(r) for r in records]
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(recs): groups.setdefault("given" if classes else _zs_classes_for(r), []).append(i)
-    table = {"given": classes, "crc": CRC_ZS_CLASSES, "pcam": PCAM_ZS_CLASSES}
+    table = {"given": classes, **ZS_CLASSES}
     emb, errs = embed_images(clip, [resolve_ref(r.image, root) for r in recs], batch_size=batch_size, num_workers=num_workers, cache=cache)
     rows = [None]*len(recs)
     for g, idx in groups.items():
@@ -504,17 +506,27 @@ def zero_shot_predict(clip: ClipModel,  # the model
     return rows
 
 # %% ../nbs/06_clip.ipynb 51
-def _read_dataset_dir(d: Path):
-    if not d.is_dir(): raise PathinsightError(f"dataset not found: {d}")
-    if not (d/"dataset_dict.json").exists(): raise PathinsightError(f"{d}: not a DatasetDict saved with save_to_disk (no dataset_dict.json)")
-    from datasets import load_from_disk
-    try: return load_from_disk(str(d))
-    except Exception as e: raise PathinsightError(f"{d}: cannot read the dataset ({type(e).__name__}: {e})") from None
-
 def _link_or_copy(src: Path, dst: Path):
     dst.parent.mkdir(parents=True, exist_ok=True)
     try: os.link(src, dst)
     except OSError: shutil.copy2(src, dst)
+
+def write_filtered(out: Path,  # output directory (replaced atomically)
+                   src: Path,  # the built dataset it came from (images are linked or copied from there)
+                   kept: list,  # kept records (their `split` says where they go)
+                   splits: list,  # the input's split names, in order
+                   rows: dict,  # extra files: name -> rows written as JSON Lines
+                   summary: dict,  # written as clip_filter.json
+                  ):
+    "Write kept records as a DatasetDict with their images, plus the rejection, score and summary files."
+    from datasets import Dataset, DatasetDict
+    with atomic_dir(out) as tmp:
+        parts = {n: [r.to_dict() for r in kept if r.split == n] for n in splits}
+        for n in [n for n, rs in parts.items() if not rs]: get_logger().warning(f"{out}: no record of split {n!r} is left; not written")
+        DatasetDict({n: Dataset.from_list(rs, features=record_features()) for n, rs in parts.items() if rs}).save_to_disk(str(tmp))
+        for ref in dict.fromkeys(r.image for r in kept if r.image): _link_or_copy(src/ref, tmp/ref)
+        for name, rs in rows.items(): write_jsonl(tmp/name, rs)
+        write_json(tmp/"clip_filter.json", summary)
 
 def clip_filter_dataset(dataset_dir: str | Path,  # built dataset directory
                         out: str | Path,  # output directory (replaced atomically)
@@ -522,37 +534,20 @@ def clip_filter_dataset(dataset_dir: str | Path,  # built dataset directory
                         clip: ClipModel | None = None,  # an already loaded model
                        ) -> dict:
     "Filter a built dataset with CLIP; write the filtered DatasetDict, images, rejections and scores to `out`."
-    from datasets import Dataset, DatasetDict
     cfg, src, out = cfg or ClipConfig(), Path(dataset_dir), Path(out)
     if out.resolve() == src.resolve(): raise PathinsightError(f"--out must differ from the dataset directory ({src})")
-    ds = _read_dataset_dir(src)
-    if not isinstance(ds, DatasetDict): raise PathinsightError(f"{src}: expected a DatasetDict (splits), got a single Dataset")
-    recs, split_of = [], []
-    for name in ds:
-        missing = set(record_features()) - set(ds[name].column_names)
-        if missing: raise PathinsightError(f"{src}/{name}: rows lack record fields {sorted(missing)}")
-        for row in ds[name]: recs.append(Record.from_dict(row)); split_of.append(name)
+    recs, _ = read_dataset(src, "all")
     if not cfg.he_filter and not cfg.top_k and cfg.threshold is None:
         get_logger().warning("clip-filter: no top_k, threshold or he_filter set: only unreadable images are dropped")
     clip = clip or _get_clip(cfg)
     kept, rej, scores = _filter(recs, cfg, src, clip)
-    kept_ids = {r.id for r in kept}
-    task_of = {r.id: (r.task, s) for r, s in zip(recs, split_of)}
+    of = {r.id: r for r in recs}
     counts = {"records": len(recs), "kept": len(kept), "rejected": len(rej), "by_reason": {}}
     for x in rej: counts["by_reason"][x.reason] = counts["by_reason"].get(x.reason, 0) + 1
-    with atomic_dir(out) as tmp:
-        parts, done = {}, set()
-        for name in ds:
-            rows = [r.to_dict() for r, s in zip(kept, [task_of[r.id][1] for r in kept]) if s == name]
-            parts[name] = Dataset.from_list(rows, features=record_features())
-        DatasetDict(parts).save_to_disk(str(tmp))
-        for r in kept:
-            if r.image and r.image not in done:
-                done.add(r.image); _link_or_copy(src/r.image, tmp/r.image)
-        write_jsonl(tmp/"rejections.jsonl", [{**x.to_dict(), "task": task_of[x.id][0], "split": task_of[x.id][1]} for x in rej])
-        write_jsonl(tmp/"scores.jsonl", [{**s, "split": sp} for s, sp in zip(scores, split_of)])
-        summary = {"dataset": str(src), "model": cfg.model, "model_id": clip.model_id, "config": asdict(cfg), "counts": counts}
-        write_json(tmp/"clip_filter.json", summary)
+    summary = {"dataset": str(src), "model": cfg.model, "model_id": clip.model_id, "config": asdict(cfg), "counts": counts}
+    rows = {"rejections.jsonl": [{**x.to_dict(), "task": of[x.id].task, "split": of[x.id].split} for x in rej],
+            "scores.jsonl": [{**sc, "split": of[sc["id"]].split} for sc in scores]}
+    write_filtered(out, src, kept, list(dict.fromkeys(r.split for r in recs)), rows, summary)
     get_logger().info(f"clip-filter: kept {len(kept)} of {len(recs)} records -> {out}")
     return summary
 
@@ -587,9 +582,7 @@ def zeroshot_cmd(dataset_dir: str,  # built dataset directory (DatasetDict saved
     "Zero-shot CLIP predictions (CRC / PCam prompts) for a dataset's classify records, in the evaluation format."
     cfg = load_config(ClipConfig, config, model=model, pretrained=pretrained, batch_size=batch_size, device=device)
     src = Path(dataset_dir)
-    ds = _read_dataset_dir(src)
-    if split not in ds: raise PathinsightError(f"{src}: no split {split!r} (has {sorted(ds)})")
-    recs = [Record.from_dict(r) for r in ds[split] if r["task"] == "classify"]
+    recs = [r for r in read_dataset(src, split)[0] if r.task == "classify"]
     if not recs: raise PathinsightError(f"{src}: no classify records in split {split!r}")
     rows = zero_shot_predict(_get_clip(cfg), recs, src, out=out, batch_size=cfg.batch_size, num_workers=cfg.num_workers, cache=cfg.cache)
     acc = float(np.mean([r["prediction"] == r["reference"] for r in rows]))

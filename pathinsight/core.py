@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 # %% auto 0
-__all__ = ['TASKS', 'ROLES', 'CRC_CLASSES', 'PathinsightError', 'Record', 'record_features', 'Rejection', 'stable_hash',
-           'rng_for', 'seed_everything', 'file_sha256', 'bytes_sha256', 'pathinsight_home', 'cache_dir', 'atomic_write',
-           'remove_stale_temps', 'atomic_dir', 'write_json', 'write_jsonl', 'read_jsonl', 'get_logger', 'progress',
-           'config_from_dict', 'read_config_file', 'load_config', 'sample_data_dir']
+__all__ = ['TASKS', 'ROLES', 'CRC_CLASSES', 'PCAM_CLASSES', 'LABEL_SETS', 'PathinsightError', 'make_options', 'option_answers',
+           'label_set_name', 'Record', 'record_features', 'Rejection', 'stable_hash', 'rng_for', 'seed_everything',
+           'file_sha256', 'bytes_sha256', 'pathinsight_home', 'cache_dir', 'current_umask', 'share_as_umask',
+           'atomic_write', 'remove_stale_temps', 'atomic_dir', 'write_json', 'write_jsonl', 'read_jsonl',
+           'read_dataset', 'get_logger', 'progress', 'unknown_keys_error', 'config_from_dict', 'read_config_file',
+           'load_config', 'sample_data_dir']
 
 # %% ../nbs/00_core.ipynb 6
 class PathinsightError(Exception):
@@ -29,6 +31,26 @@ CRC_CLASSES = {
     "MUC": "mucus", "MUS": "smooth muscle", "NORM": "normal colon mucosa",
     "STR": "cancer-associated stroma", "TUM": "colorectal adenocarcinoma epithelium"}
 
+# The PCam labels (y = 0 / 1) -> the answer to "does this lymph node patch contain metastatic tumour?"
+PCAM_CLASSES = {"normal": "no", "tumor": "yes"}
+
+LABEL_SETS = {"crc": CRC_CLASSES, "pcam": PCAM_CLASSES}  # named label sets: label -> answer
+
+def make_options(answers: dict) -> list[dict]:
+    "A record's `options` from a {label: answer} mapping."
+    return [{"label": str(k), "answer": str(v)} for k, v in answers.items()]
+
+def option_answers(options: list[dict]) -> dict:
+    "The {label: answer} mapping of a record's `options`."
+    return {o["label"]: o["answer"] for o in options}
+
+def label_set_name(options: list[dict]) -> str:
+    "The name of the known label set `options` are drawn from ('' for another label set)."
+    pairs = set(option_answers(options).items())
+    for name, answers in LABEL_SETS.items():
+        if pairs and pairs <= set(answers.items()): return name
+    return ""
+
 # %% ../nbs/00_core.ipynb 10
 @dataclass
 class Record:
@@ -41,6 +63,7 @@ class Record:
     question: str = ""  # question (vqa task)
     answer: str = ""  # reference answer (vqa task)
     label: str = ""  # class code (classify task)
+    options: list = field(default_factory=list)  # [{label, answer}]: the label set of a classify record
     answer_type: str = ""  # closed | open (vqa), else empty
     turns: list = field(default_factory=list)  # [{role, content}] for conversations
     group: str = ""  # patient / slide / image group for leakage-safe splits
@@ -53,6 +76,8 @@ class Record:
         if not self.id: raise PathinsightError("record without an id")
         for t in self.turns:
             if t.get("role") not in ROLES: raise PathinsightError(f"record {self.id!r}: unknown role {t.get('role')!r}")
+        if any(not isinstance(o, dict) or set(o) != {"label", "answer"} for o in self.options):
+            raise PathinsightError(f"record {self.id!r}: options must be {{label, answer}} pairs, got {self.options[:2]!r}")
 
     def to_dict(self) -> dict:
         "This record as a plain dict (the row stored in datasets and jsonl files)."
@@ -68,6 +93,13 @@ class Record:
         "The `meta` JSON as a dict."
         return json.loads(self.meta or "{}")
 
+    def label_answer(self) -> str:
+        "The answer text of this classify record's label (from its options)."
+        answers = option_answers(self.options)
+        if not answers: raise PathinsightError(f"record {self.id!r}: a classify record needs its options (the label set)")
+        if self.label not in answers: raise PathinsightError(f"record {self.id!r}: label {self.label!r} is not one of its options {list(answers)}")
+        return answers[self.label]
+
 # %% ../nbs/00_core.ipynb 14
 def record_features():
     "The `datasets.Features` matching `Record`."
@@ -75,7 +107,7 @@ def record_features():
     s = Value("string")
     return Features({
         "id": s, "source": s, "task": s, "image": s, "caption": s, "question": s, "answer": s,
-        "label": s, "answer_type": s, "turns": List({"role": s, "content": s}),
+        "label": s, "options": List({"label": s, "answer": s}), "answer_type": s, "turns": List({"role": s, "content": s}),
         "group": s, "split": s, "provenance": s, "meta": s})
 
 # %% ../nbs/00_core.ipynb 17
@@ -142,6 +174,19 @@ def cache_dir(name: str) -> Path:
     return p
 
 # %% ../nbs/00_core.ipynb 29
+def current_umask() -> int:
+    "The process's umask (read without changing it where the OS allows)."
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("Umask:"): return int(line.split()[1], 8)
+    except OSError: pass
+    m = os.umask(0o022); os.umask(m)
+    return m
+
+def share_as_umask(path, is_dir: bool = False):
+    "Give `path` the permissions a new file (0666) or folder (0777) gets under the current umask."
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~current_umask())
+
 @contextlib.contextmanager
 def atomic_write(path, mode: str = "w", **kw):
     "Open a temporary file beside `path`; on success rename it to `path`, on error remove it."
@@ -149,6 +194,7 @@ def atomic_write(path, mode: str = "w", **kw):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    share_as_umask(tmp)
     try:
         with open(tmp, mode, **kw) as f: yield f
         os.replace(tmp, path)
@@ -183,6 +229,7 @@ def atomic_dir(path, overwrite: bool = True):
     if path.exists() and not overwrite: raise PathinsightError(f"{path} exists (pass overwrite=True to replace it)")
     for d in remove_stale_temps(path): logging.getLogger("pathinsight").warning(f"removed {d.name}, left by an interrupted run")
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{socket.gethostname()}@{os.getpid()}.", suffix=".tmp"))
+    share_as_umask(tmp, is_dir=True)
     try:
         yield tmp
         if path.exists():  # keep the old output on disk until the new one is in place
@@ -212,7 +259,45 @@ def read_jsonl(path) -> list[dict]:
             except json.JSONDecodeError as e: raise PathinsightError(f"{path}:{i}: malformed JSON line ({e.msg})") from None
     return out
 
-# %% ../nbs/00_core.ipynb 32
+# %% ../nbs/00_core.ipynb 34
+def _records_file(src: Path) -> list:
+    recs = []
+    for i, d in enumerate(read_jsonl(src), 1):
+        try: recs.append(Record.from_dict(d))
+        except (PathinsightError, TypeError) as e: raise PathinsightError(f"{src}:{i}: not a record ({e})") from None
+    return recs
+
+def _saved_dataset(src: Path, split: str) -> list:
+    from datasets import load_from_disk, DatasetDict
+    if not ((src/"dataset_dict.json").exists() or (src/"state.json").exists()):
+        raise PathinsightError(f"{src}: not a dataset saved with save_to_disk (no dataset_dict.json or state.json)")
+    ds = load_from_disk(str(src))
+    parts = dict(ds) if isinstance(ds, DatasetDict) else {"": ds}
+    missing = sorted(set(record_features()) - set(next(iter(parts.values())).column_names)) if parts else []
+    if missing: raise PathinsightError(f"{src}: rows lack record fields {missing} (written by an older pathinsight? rebuild it)")
+    if split not in ("all", "") and "" not in parts:
+        if split not in parts: raise PathinsightError(f"{src}: no split {split!r} (splits: {', '.join(parts)}, or 'all')")
+        parts = {split: parts[split]}
+    return [Record.from_dict({**row, "split": row["split"] or name}) for name, p in parts.items() for row in p.to_list()]
+
+def read_dataset(src,  # a built dataset folder (save_to_disk) or a .jsonl of records
+                 split: str = "all",  # a split name, or 'all'
+                ) -> tuple[list[Record], Path]:
+    "The records of `split` in a built dataset or records file, and the folder their image paths are relative to."
+    src = Path(src)
+    if not src.exists(): raise PathinsightError(f"dataset not found: {src}")
+    recs, root = (_records_file(src), src.parent) if src.is_file() else (_saved_dataset(src, split), src)
+    if split not in ("all", "") and any(r.split for r in recs):
+        recs = [r for r in recs if r.split == split]
+        if not recs: raise PathinsightError(f"{src}: no record has split {split!r}")
+    seen, dup = set(), []
+    for r in recs:
+        if r.id in seen: dup.append(r.id)
+        seen.add(r.id)
+    if dup: raise PathinsightError(f"{src}: duplicate record ids {dup[:5]}{' ...' if len(dup) > 5 else ''}")
+    return recs, root
+
+# %% ../nbs/00_core.ipynb 37
 def get_logger(name: str = "pathinsight") -> logging.Logger:
     "The package logger (INFO to stderr unless the app configured logging)."
     log = logging.getLogger(name)
@@ -227,26 +312,37 @@ def progress(it: Iterable, desc: str = "", total: int | None = None, disable: bo
     if disable is None: disable = bool(os.environ.get("PATHINSIGHT_QUIET"))
     return tqdm(it, desc=desc, total=total, disable=disable, **kw)
 
-# %% ../nbs/00_core.ipynb 35
+# %% ../nbs/00_core.ipynb 40
+def unknown_keys_error(where: str, unknown, known) -> PathinsightError:
+    "The error for keys that are not in `known`, with the closest known key for each typo."
+    import difflib
+    hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1, 0.7)) else repr(k) for k in sorted(unknown)]
+    return PathinsightError(f"{where}: unknown key(s) {', '.join(hints)} (known: {', '.join(sorted(known))})")
+
 def config_from_dict(cls, d: dict | None, where: str = "config"):
     "Build dataclass `cls` from dict `d`; unknown keys raise a `PathinsightError` naming them."
     d = dict(d or {})
     names = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown: raise PathinsightError(f"{where}: unknown key(s) {unknown} for {cls.__name__} (known: {sorted(names)})")
+    unknown = set(d) - names
+    if unknown: raise unknown_keys_error(f"{where}: {cls.__name__}", unknown, names)
     return cls(**d)
 
+def _parse_config_text(path: Path, text: str):
+    if path.suffix.lower() == ".json":
+        try: return json.loads(text)
+        except json.JSONDecodeError as e: raise PathinsightError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+    import yaml
+    try: return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        raise PathinsightError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+
 def read_config_file(path) -> dict:
-    "Read a YAML or JSON config file into a dict."
+    "Read a YAML or JSON config file into a dict; parse errors name the line."
     path = Path(path)
     if not path.exists(): raise PathinsightError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json": d = json.loads(text)
-        else:
-            import yaml
-            d = yaml.safe_load(text)
-    except Exception as e: raise PathinsightError(f"{path}: cannot parse config ({e})") from None
+    d = _parse_config_text(path, path.read_text(encoding="utf-8"))
     if not isinstance(d, dict): raise PathinsightError(f"{path}: a config must be a mapping, got {type(d).__name__}")
     return d
 
@@ -256,7 +352,7 @@ def load_config(cls, src=None, **overrides):
     d.update({k: v for k, v in overrides.items() if v is not None})
     return config_from_dict(cls, d, where=str(src) if isinstance(src, (str, Path)) else "config")
 
-# %% ../nbs/00_core.ipynb 38
+# %% ../nbs/00_core.ipynb 43
 def sample_data_dir() -> Path | None:
     "The folder of real sample files (`PATHINSIGHT_SAMPLE_DATA`, or `shared/data` beside the repo), or None."
     env = os.environ.get("PATHINSIGHT_SAMPLE_DATA")

@@ -51,22 +51,24 @@ def demo_data(out: Path, cfg: DemoConfig) -> dict:
     from pathinsight.synth import write_synth
     from pathinsight.build import build, BuildConfig, synth_specs
     from pathinsight.clip import tiny_clip, clip_filter_dataset, ClipConfig
-    from pathinsight.chatml import load_records, export_records
+    from pathinsight.core import read_dataset
+    from pathinsight.chatml import export_records
     synth = write_synth(out/"synth", n_per_class=cfg.n_per_class, size=cfg.size, seed=cfg.seed, fmt="png", overwrite=True)
     stats = build(BuildConfig(sources=synth_specs(synth), test_frac=cfg.test_frac, seed=cfg.seed), out/"dataset", quiet=True)
     n_caps = sum(r["final"] for r in stats["rows"] if r["task"] == "caption")
     clip_dir = tiny_clip(out/"models"/"tiny-clip", image_size=cfg.size, seed=cfg.seed)
     cf = clip_filter_dataset(out/"dataset", out/"dataset-clip",
                              ClipConfig(model=str(clip_dir), top_k=max(1, int(cfg.clip_keep*n_caps)), device="cpu"))
-    train_recs, root = load_records(out/"dataset-clip", "train")
+    train_recs, root = read_dataset(out/"dataset-clip", "train")
     ex = export_records(train_recs, "llava", out/"export"/"llava_train.json", root=root, seed=cfg.seed)
     return {"synth": str(synth), "dataset": str(out/"dataset-clip"), "stats": stats, "clip": cf, "export": ex}
 
 # %% ../nbs/18_demo.ipynb 11
 def classification_examples(dataset_dir, split: str, seed: int = 0) -> tuple[list, list[dict]]:
     "The `classify` records of a split and their conversations `{id, image (absolute), turns}`."
-    from pathinsight.chatml import load_records, to_conversation
-    recs, root = load_records(dataset_dir, split)
+    from pathinsight.core import read_dataset
+    from pathinsight.chatml import to_conversation
+    recs, root = read_dataset(dataset_dir, split)
     recs = [r for r in recs if r.task == "classify"]
     if not recs: raise PathinsightError(f"{dataset_dir}: no classify records in split {split!r}")
     exs = []

@@ -8,48 +8,17 @@ import csv, io, json
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
-from .core import (CRC_CLASSES, PathinsightError, Record, atomic_write, write_json, write_jsonl,
-                              read_jsonl)
+from .core import (CRC_CLASSES, PathinsightError, Record, atomic_write, label_set_name, option_answers,
+                              read_dataset, read_jsonl, write_json, write_jsonl)
 from . import metrics as M
 
 # %% auto 0
-__all__ = ['TABLE_COLUMNS', 'TABLE_NOTE', 'PROCESSOR_FILES', 'load_references', 'read_predictions', 'task_kind', 'reference_text',
+__all__ = ['SCORERS', 'TABLE_COLUMNS', 'TABLE_NOTE', 'PROCESSOR_FILES', 'read_predictions', 'task_kind', 'reference_text',
            'prompt_text', 'score_records', 'score_run', 'score_cmd', 'format_run', 'table_columns', 'read_run',
            'results_table', 'table_markdown', 'table_csv', 'table_latex', 'table_notes', 'table_cmd', 'check_model_dir',
            'training_seed', 'eval_cmd']
 
-# %% ../nbs/14_evaluate.ipynb 7
-def load_references(data,  # a dataset saved with save_to_disk, or a records .jsonl file
-                    split: str = "test",  # split to score ('' = every record)
-                   ) -> tuple[list[Record], Path]:
-    "The reference records of `split` in `data`, and the directory their image paths are relative to."
-    data = Path(data)
-    if not data.exists(): raise PathinsightError(f"references not found: {data}")
-    if data.is_file():
-        rows, root = read_jsonl(data), data.parent
-        try: recs = [Record.from_dict(r) for r in rows]
-        except TypeError as e: raise PathinsightError(f"{data}: a row is not a record ({e})") from None
-    else:
-        if not ((data/"dataset_dict.json").exists() or (data/"state.json").exists()):
-            raise PathinsightError(f"{data}: not a dataset saved with save_to_disk (no dataset_dict.json or state.json)")
-        from datasets import load_from_disk, DatasetDict
-        ds, root = load_from_disk(str(data)), data
-        if isinstance(ds, DatasetDict):
-            if split and split not in ds: raise PathinsightError(f"{data}: no split {split!r} (has {sorted(ds)})")
-            parts = [ds[split]] if split else [ds[k] for k in ds]
-            recs = [Record.from_dict(r) for p in parts for r in p]
-            split = ""  # already selected
-        else: recs = [Record.from_dict(r) for r in ds]
-    if split:
-        sel = [r for r in recs if r.split == split]
-        if not sel: raise PathinsightError(f"{data}: no record has split {split!r} (splits: {sorted({r.split for r in recs})})")
-        recs = sel
-    ids = Counter(r.id for r in recs)
-    dup = sorted(i for i, c in ids.items() if c > 1)
-    if dup: raise PathinsightError(f"{data}: duplicate record ids {dup[:5]}{' ...' if len(dup) > 5 else ''}")
-    return recs, root
-
-# %% ../nbs/14_evaluate.ipynb 11
+# %% ../nbs/14_evaluate.ipynb 10
 def _some(ids, k=5): ids = sorted(ids); return f"{ids[:k]}{' ...' if len(ids) > k else ''} ({len(ids)} in all)"
 
 def read_predictions(path,  # predictions .jsonl with rows {id, prediction, ...}
@@ -73,34 +42,15 @@ def read_predictions(path,  # predictions .jsonl with rows {id, prediction, ...}
         if unknown: raise PathinsightError(f"{path}: predictions for ids not in the references {_some(unknown)}")
     return preds
 
-# %% ../nbs/14_evaluate.ipynb 14
-_PCAM_REF = {"yes": "yes", "1": "yes", "true": "yes", "tumor": "yes", "tumour": "yes", "positive": "yes",
-             "no": "no", "0": "no", "false": "no", "normal": "no", "negative": "no"}
-
-def _options_of(rec: Record) -> tuple[dict, str]:
-    "({label: answer name}, reference label) of a generic classification record, from meta 'options' when given."
-    opts = rec.get_meta().get("options") if rec.meta not in ("", "{}") else None
-    if isinstance(opts, dict): names = {str(k): str(v) for k, v in opts.items()}
-    elif isinstance(opts, list): names = {str(o): str(o) for o in opts}
-    else: names = {rec.label: rec.label}
-    lab = rec.label
-    if isinstance(opts, list) and lab not in names and lab.isdigit() and int(lab) < len(opts): lab = str(opts[int(lab)])
-    if lab not in names: raise PathinsightError(f"record {rec.id!r}: label {rec.label!r} is not one of its options {list(names)}")
-    return names, lab
-
+# %% ../nbs/14_evaluate.ipynb 13
 def task_kind(rec: Record) -> str:
     "How `rec` is scored: crc | pcam | classify | caption | vqa | conversation."
-    if rec.task == "classify":
-        if rec.source == "pcam": return "pcam"
-        opts = rec.get_meta().get("options") if rec.meta not in ("", "{}") else None
-        if rec.label in CRC_CLASSES and (not opts or set(opts) <= set(CRC_CLASSES)): return "crc"  # CRC codes (list or code -> name)
-        if opts: return "classify"
-        return "pcam" if rec.label.strip().lower() in _PCAM_REF else "classify"
-    return rec.task
+    if rec.task != "classify": return rec.task
+    return label_set_name(rec.options) or "classify"
 
 def reference_text(rec: Record) -> str:
-    "The reference answer of `rec` (label, caption, answer or last assistant turn)."
-    if rec.task == "classify": return _options_of(rec)[1] if task_kind(rec) == "classify" else rec.label
+    "The reference answer of `rec` (its label's answer, caption, answer or last assistant turn)."
+    if rec.task == "classify": return rec.label_answer()
     if rec.task == "caption": return rec.caption
     if rec.task == "vqa": return rec.answer
     turns = [t["content"] for t in rec.turns if t.get("role") == "assistant"]
@@ -113,6 +63,48 @@ def prompt_text(rec: Record) -> str:
     if users: return users[-1]
     return {"classify": "Which tissue type is this?", "caption": "Describe this image."}.get(rec.task, "")
 
+# %% ../nbs/14_evaluate.ipynb 15
+def _scored(parsed, truth) -> list[dict]:
+    return [{"parsed": q, "correct": q == t} for q, t in zip(parsed, truth)]
+
+def _score_crc(recs, P):
+    present = {r.label for r in recs}  # e.g. 8 classes when a dataset drops BACK
+    parsed, truth = [M.parse_label(p) for p in P], [r.label for r in recs]
+    return M.classification_metrics(truth, parsed, [c for c in CRC_CLASSES if c in present]), _scored(parsed, truth)
+
+def _score_pcam(recs, P):
+    parsed, truth = [M.parse_yes_no(p) for p in P], [r.label_answer() for r in recs]
+    m = M.classification_metrics(truth, parsed, ["no", "yes"])
+    keep = ("n", "accuracy", "balanced_accuracy", "f1_macro", "n_unparsed", "unparsed_rate", "confusion", "confusion_columns", "labels")
+    return {k: m[k] for k in keep}, _scored(parsed, truth)
+
+def _score_classify(recs, P):
+    syn = {}
+    for r in recs:
+        for label, answer in option_answers(r.options).items(): syn.setdefault(label, set()).add(answer)
+    syn = {k: tuple(sorted(v)) for k, v in syn.items()}
+    for r in recs: r.label_answer()  # a label outside its options is an error naming the record
+    parsed, truth = [M.parse_label(p, syn) for p in P], [r.label for r in recs]
+    return M.classification_metrics(truth, parsed, sorted(syn)), _scored(parsed, truth)
+
+def _score_text(recs, P):
+    refs = [reference_text(r) for r in recs]
+    scores = [M.caption_scores(p, t) for p, t in zip(P, refs)]
+    return M.caption_metrics(P, refs), [{"bleu1": s["bleu1"], "rouge1": s["rouge1"], "rougeL": s["rougeL"], "correct": None} for s in scores]
+
+def _vqa_item(p: str, ref: str, answer_type: str) -> dict:
+    if M.is_closed(ref, answer_type): return {"parsed": M.first_yes_no(p), "correct": M.closed_correct(p, ref)}
+    _, recall, f1 = M.token_prf(p, ref)
+    return {"recall": recall, "f1": f1, "correct": f1 == 1.0}
+
+def _score_vqa(recs, P):
+    refs, types = [r.answer for r in recs], [r.answer_type for r in recs]
+    return M.vqa_metrics(P, refs, types), [_vqa_item(p, t, ty) for p, t, ty in zip(P, refs, types)]
+
+SCORERS = {"crc": _score_crc, "pcam": _score_pcam, "classify": _score_classify,
+           "caption": _score_text, "conversation": _score_text, "vqa": _score_vqa}  # task kind -> scorer
+
+# %% ../nbs/14_evaluate.ipynb 16
 def score_records(records: Sequence[Record],  # reference records
                   preds: dict[str, dict],  # prediction rows keyed by id (see `read_predictions`)
                  ) -> tuple[dict, list[dict]]:
@@ -120,51 +112,14 @@ def score_records(records: Sequence[Record],  # reference records
     by: dict[str, list] = {}
     for r in records: by.setdefault(task_kind(r), []).append(r)
     out, rows = {}, []
-    def row(r, pred, **kw): rows.append({"id": r.id, "kind": task_kind(r), "image": r.image, "question": preds[r.id].get("prompt") or prompt_text(r),
-                                         "reference": reference_text(r), "prediction": pred, **kw})
     for kind, recs in by.items():
         P = [str(preds[r.id]["prediction"] or "") for r in recs]
-        if kind == "crc":
-            present = {r.label for r in recs}  # e.g. 8 classes when a dataset drops BACK
-            labels = [c for c in CRC_CLASSES if c in present]
-            parsed = [M.parse_label(p) for p in P]
-            out[kind] = M.classification_metrics([r.label for r in recs], parsed, labels)
-            for r, p, q in zip(recs, P, parsed): row(r, p, parsed=q, correct=q == r.label)
-        elif kind == "classify":
-            syn, refl = {}, []
-            for r in recs:
-                names, lab = _options_of(r)
-                for k, v in names.items(): syn.setdefault(k, set()).add(v)
-                refl.append(lab)
-            syn = {k: tuple(sorted(v)) for k, v in syn.items()}
-            parsed = [M.parse_label(p, syn) for p in P]
-            out[kind] = M.classification_metrics(refl, parsed, sorted(syn))
-            for r, p, l, q in zip(recs, P, refl, parsed): row(r, p, parsed=q, correct=q == l)
-        elif kind == "pcam":
-            refl = [_PCAM_REF.get(r.label.strip().lower()) for r in recs]
-            bad = [r.id for r, l in zip(recs, refl) if l is None]
-            if bad: raise PathinsightError(f"PCam records with a label that is not yes/no or 1/0: {_some(bad)}")
-            parsed = [M.parse_yes_no(p) for p in P]
-            m = M.classification_metrics(refl, parsed, ["no", "yes"])
-            out[kind] = {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "f1_macro", "n_unparsed", "unparsed_rate", "confusion", "confusion_columns", "labels")}
-            for r, p, l, q in zip(recs, P, refl, parsed): row(r, p, parsed=q, correct=q == l)
-        elif kind in ("caption", "conversation"):
-            refs = [reference_text(r) for r in recs]
-            out[kind] = M.caption_metrics(P, refs)
-            for r, p, t in zip(recs, P, refs):
-                s = M.caption_scores(p, t)
-                row(r, p, bleu1=s["bleu1"], rouge1=s["rouge1"], rougeL=s["rougeL"], correct=None)
-        elif kind == "vqa":
-            refs, types = [r.answer for r in recs], [r.answer_type for r in recs]
-            out[kind] = M.vqa_metrics(P, refs, types)
-            for r, p, t, ty in zip(recs, P, refs, types):
-                if M.is_closed(t, ty): row(r, p, parsed=M.first_yes_no(p), correct=M.closed_correct(p, t))
-                else:
-                    pr, rc, f = M.token_prf(p, t)
-                    row(r, p, recall=rc, f1=f, correct=f == 1.0)
+        out[kind], items = SCORERS[kind](recs, P)
+        rows += [{"id": r.id, "kind": kind, "image": r.image, "question": preds[r.id].get("prompt") or prompt_text(r),
+                  "reference": reference_text(r), "prediction": p, **item} for r, p, item in zip(recs, P, items)]
     return out, rows
 
-# %% ../nbs/14_evaluate.ipynb 18
+# %% ../nbs/14_evaluate.ipynb 20
 def score_run(predictions,  # predictions .jsonl
               data,  # references: saved dataset or records .jsonl
               out_dir=None,  # run directory for metrics.json and scored.jsonl (default: the predictions' folder)
@@ -176,7 +131,7 @@ def score_run(predictions,  # predictions .jsonl
     "Score a predictions file against reference records; write metrics.json and scored.jsonl."
     predictions = Path(predictions)
     out_dir = Path(out_dir) if out_dir is not None else predictions.parent
-    recs = list(records) if records is not None else load_references(data, split)[0]
+    recs = list(records) if records is not None else read_dataset(data, split)[0]
     preds = read_predictions(predictions, [r.id for r in recs])
     tasks, rows = score_records(recs, preds)
     res = {"run": name or out_dir.resolve().name, "model": str(model), "data": str(Path(data).resolve()), "split": split,
@@ -209,7 +164,7 @@ def format_run(res: dict) -> str:
         lines.append(f"  VQA: closed acc {ca} ({v['n_closed']}; {v['closed_neither']} without yes/no), open F1 {of} ({v['n_open']})")
     return "\n".join(lines)
 
-# %% ../nbs/14_evaluate.ipynb 21
+# %% ../nbs/14_evaluate.ipynb 23
 def table_columns(average: str = "macro") -> dict:
     "Column title -> (task kind, metric key) of Table 2; CRC F1 and recall with `average` (macro | weighted)."
     if average not in ("macro", "weighted"): raise PathinsightError(f"average must be 'macro' or 'weighted', got {average!r}")
@@ -313,7 +268,7 @@ def table_cmd(run_dirs: list,  # run directories (each with metrics.json), one r
             with atomic_write(o/name) as f: f.write(text)
     return header, rows
 
-# %% ../nbs/14_evaluate.ipynb 25
+# %% ../nbs/14_evaluate.ipynb 27
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 def check_model_dir(model) -> Path | str:
@@ -350,7 +305,7 @@ def eval_cmd(model: str | None = None,  # saved model or LoRA adapter directory 
     "Generate answers for the references with a saved model and score them (metrics.json in OUT)."
     if not (model and data and out): raise PathinsightError("eval needs --model, --data and --out")
     check_model_dir(model)
-    recs, root = load_references(data, split)
+    recs, root = read_dataset(data, split)
     if limit: recs = recs[:limit]
     from pathinsight.chatml import to_conversation
     from pathinsight.infer import predict

@@ -68,7 +68,6 @@ def gallery_items(run_dirs: Sequence,  # run directories to compare (first = bas
             note = f"ROUGE-L {r['rougeL']:.2f}" if "rougeL" in r else ""
             ans.append((m.get("run", "?"), r["prediction"], r.get("correct"), note))
         ref = r0["reference"]
-        if r0["kind"] == "crc" and ref in CRC_CLASSES: ref = f"{ref} ({CRC_CLASSES[ref]})"
         out.append({"id": i, "image": str(root/r0["image"]), "question": r0["question"], "reference": ref, "answers": ans})
     return out
 

@@ -7,14 +7,15 @@ from __future__ import annotations
 import csv, json, re
 from pathlib import Path
 from typing import Iterable, Iterator
-from .core import (CRC_CLASSES, PathinsightError, Record, Rejection, rng_for, get_logger)
+from .core import (CRC_CLASSES, LABEL_SETS, PCAM_CLASSES, PathinsightError, Record, Rejection, make_options,
+                              option_answers, rng_for, get_logger)
 from .images import IMAGE_EXTS
 
 # %% auto 0
-__all__ = ['PCAM_CLASSES', 'PATHOLOGY_KEYWORDS', 'BLADDER_DIAGNOSES', 'LOADERS', 'split_results', 'only_records', 'load_crc',
-           'pcam_paths', 'balanced_indices', 'load_pcam', 'write_pcam_h5', 'answer_type', 'load_pathvqa',
-           'is_pathology', 'load_llava_med', 'clean_tweet', 'load_openpath', 'bladder_diagnosis', 'load_bladder',
-           'load_records_jsonl', 'load_source']
+__all__ = ['PATHOLOGY_KEYWORDS', 'BLADDER_DIAGNOSES', 'LOADERS', 'split_results', 'only_records', 'load_crc', 'pcam_paths',
+           'balanced_indices', 'load_pcam', 'write_pcam_h5', 'answer_type', 'load_pathvqa', 'is_pathology',
+           'load_llava_med', 'clean_tweet', 'load_openpath', 'bladder_diagnosis', 'load_bladder', 'load_records_jsonl',
+           'load_source']
 
 # %% ../nbs/04_sources.ipynb 6
 def split_results(items: Iterable,  # records and rejections, as yielded by a loader
@@ -60,7 +61,7 @@ _TCGA = re.compile(r"^[A-Z]+-(TCGA-[A-Z0-9]+)$")
 
 def load_crc(root,  # folder holding one sub-folder per class code
              source: str = "crc",  # source name stored in the records
-             classes: dict = CRC_CLASSES,  # class code -> class name
+             classes: dict = CRC_CLASSES,  # class code -> class name (the answer a model gives)
              exts: tuple = (".tif", ".tiff", ".png", ".jpg", ".jpeg"),  # tile file types read
             ) -> Iterator[Record | Rejection]:
     "Yield one `classify` record per tile of a Kather CRC dataset folder."
@@ -69,18 +70,15 @@ def load_crc(root,  # folder holding one sub-folder per class code
     unknown = [p.name for p in subs if p.name not in classes]
     if unknown: raise PathinsightError(f"{root}: folders {unknown} are not class codes {list(classes)}")
     if not subs: raise PathinsightError(f"{root}: no class folders ({', '.join(classes)}) found")
-    options = dict(classes)  # code -> class name: prompts list the names, answers are names
+    options = make_options(classes)  # the record says its label set: prompts list the names, answers are names
     for d in subs:
         for f in sorted(d.iterdir()):
             if f.name.startswith(".") or f.suffix.lower() not in exts: continue
             m = _TCGA.match(f.stem)
-            yield Record(f"{source}-{f.stem}", source, "classify", image=str(f), label=d.name,
-                         group=m.group(1) if m else f.stem, provenance=f"{d.name}/{f.name}",
-                         meta=json.dumps({"class_name": classes[d.name], "options": options}))
+            yield Record(f"{source}-{f.stem}", source, "classify", image=str(f), label=d.name, options=options,
+                         group=m.group(1) if m else f.stem, provenance=f"{d.name}/{f.name}")
 
 # %% ../nbs/04_sources.ipynb 13
-PCAM_CLASSES = {"normal": "normal lymph node tissue", "tumor": "metastatic tumor tissue"}  # y=0 / y=1
-
 def pcam_paths(root,  # a folder with the PCam h5 files, or the `_x.h5` file itself
                split: str = "train",  # train | valid | test (when `root` is a folder)
               ) -> tuple[Path, Path, Path]:
@@ -139,15 +137,14 @@ def load_pcam(root,  # folder with the PCam h5 files, or the `_x.h5` file
         with open(mp, newline="") as f:
             for i, row in enumerate(csv.DictReader(f)):
                 if row.get("wsi"): groups[i] = row["wsi"]
-    names = list(PCAM_CLASSES)
-    meta = json.dumps({"options": names, "class_names": PCAM_CLASSES})
+    names, options = list(PCAM_CLASSES), make_options(PCAM_CLASSES)  # y = 0 / 1: normal / tumor, answered no / yes
     for i in balanced_indices(labels, k, seed):
         lab = int(labels[i])
         if lab not in (0, 1):
             yield _rej(f"{source}-{split}-{i:06d}", source, "malformed_row", f"{yp}[{i}]: label {lab} is not 0/1"); continue
         rid = f"{source}-{split}-{i:06d}"
-        yield Record(rid, source, "classify", image=f"h5://{xp.resolve()}#{i}", label=names[lab],
-                     group=groups.get(i, rid), provenance=f"{xp.name}#{i}", meta=meta)
+        yield Record(rid, source, "classify", image=f"h5://{xp.resolve()}#{i}", label=names[lab], options=options,
+                     group=groups.get(i, rid), provenance=f"{xp.name}#{i}")
 
 # %% ../nbs/04_sources.ipynb 15
 def write_pcam_h5(root,  # output folder
@@ -432,30 +429,41 @@ def load_bladder(path,  # annotation json (either layout)
                          caption=caps[k], group=slide, provenance=where, meta=json.dumps(meta))
 
 # %% ../nbs/04_sources.ipynb 33
+def _row_options(row: dict, label_set: str) -> list:
+    "The label set of a classify row: its own `options` (dict label -> answer, or a list of answers), else `label_set`."
+    opts = row.get("options")
+    if isinstance(opts, dict): return make_options(opts)
+    if isinstance(opts, list): return make_options({str(o): str(o) for o in opts})
+    return make_options(LABEL_SETS[label_set]) if label_set else []
+
 def load_records_jsonl(path,  # JSON Lines file with record fields
                        task: str,  # task of every row: caption | classify | vqa
                        image_dir=None,  # folder image paths are relative to (default: the file's folder)
                        source: str = "jsonl",  # source name stored in the records
                        check_images: bool = True,  # reject rows whose image file is absent
+                       label_set: str = "",  # classify rows without their own `options`: a known label set (crc | pcam)
                       ) -> Iterator[Record | Rejection]:
     "Yield records from a jsonl of record-shaped rows (e.g. the synthetic captions / VQA files)."
     path = _need(path, "records file")
+    if label_set and label_set not in LABEL_SETS: raise PathinsightError(f"unknown label set {label_set!r} (known: {sorted(LABEL_SETS)})")
     idir = Path(image_dir) if image_dir is not None else path.parent
-    stem = path.stem
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         if not line.strip(): continue
-        rid = f"{source}-{stem}-{i:06d}"
+        rid, where = f"{source}-{path.stem}-{i:06d}", f"{path}:{i+1}"
         try: row = json.loads(line)
-        except json.JSONDecodeError as e: yield _rej(rid, source, "malformed_row", f"{path}:{i+1}: malformed JSON line ({e.msg})"); continue
+        except json.JSONDecodeError as e: yield _rej(rid, source, "malformed_row", f"{where}: malformed JSON line ({e.msg})"); continue
         if not isinstance(row, dict) or "image" not in row:
-            yield _rej(rid, source, "malformed_row", f"{path}:{i+1}: no image field"); continue
+            yield _rej(rid, source, "malformed_row", f"{where}: no image field"); continue
         img = idir/str(row["image"])
-        if check_images and not img.is_file(): yield _rej(rid, source, "missing_image", f"{path}:{i+1}: image {img} not found"); continue
+        if check_images and not img.is_file(): yield _rej(rid, source, "missing_image", f"{where}: image {img} not found"); continue
+        label, options = (str(row.get("label", "")), _row_options(row, label_set)) if task == "classify" else ("", [])
+        if task == "classify" and label not in option_answers(options):
+            yield _rej(rid, source, "unknown_label", f"{where}: label {label!r} is not one of the options {list(option_answers(options))}"); continue
         ans = str(row.get("answer", ""))
         yield Record(rid, source, task, image=str(img), caption=str(row.get("caption", "")), question=str(row.get("question", "")),
-                     answer=ans, label=str(row.get("label", "")) if task == "classify" else "",
-                     answer_type=answer_type(ans) if task == "vqa" else "", group=str(row.get("group", "") or rid),
-                     provenance=f"{path.name}:{i+1}", meta=json.dumps({k: row[k] for k in ("label",) if k in row and task != "classify"}))
+                     answer=ans, label=label, options=options, answer_type=answer_type(ans) if task == "vqa" else "",
+                     group=str(row.get("group", "") or rid), provenance=f"{path.name}:{i+1}",
+                     meta=json.dumps({k: row[k] for k in ("label",) if k in row and task != "classify"}))
 
 LOADERS = {"crc": load_crc, "pcam": load_pcam, "pathvqa": load_pathvqa, "llava_med": load_llava_med,
            "openpath": load_openpath, "bladder": load_bladder, "jsonl": load_records_jsonl}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv, json, math, os, random, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from .core import (PathinsightError, Rejection, get_logger, load_config, read_jsonl, write_json,
+from .core import (PathinsightError, Rejection, get_logger, load_config, read_dataset, read_jsonl, write_json,
                               atomic_write, seed_everything, progress, Record)
 from .models import get_family, load_model, model_parts, lora_targets, save_model, disable_bnb_cpu_repack
 from .encode import GroupedSampler, VLMCollator, VLMDataset, flip_rotate
@@ -121,8 +121,8 @@ def read_examples(path, image_root=None, seed: int = 0) -> list[dict]:
     path = Path(path)
     if not path.exists(): raise PathinsightError(f"training data not found: {path}")
     if path.is_dir():  # a built dataset: its train split
-        from pathinsight.chatml import load_records, to_turns
-        recs, root = load_records(path, "train")
+        from pathinsight.chatml import to_turns
+        recs, root = read_dataset(path, "train")
         return [{"id": r.id, "image": str(Path(root)/r.image) if r.image else "", "turns": to_turns(r, seed=seed),
                  "source": r.source} for r in recs]
     if path.suffix == ".json":
