@@ -71,7 +71,7 @@ def model_answerer(model_dir: str,  # a saved model + processor directory (e.g. 
     model, processor, _ = load_trained(model_dir)
     return lambda image, question: ask(model, processor, image, question, max_new_tokens=max_new_tokens)
 
-def serve_cmd(model: str,  # model directory to serve
+def serve_cmd(*, model: str,  # model to serve: a trained output directory, or a hub id / family name (an untuned base)
               compare: str | None = None,  # a second model directory shown side by side (e.g. the base model)
               host: str = "127.0.0.1",  # interface to listen on
               port: int = 7860,  # port to listen on

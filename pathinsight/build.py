@@ -49,6 +49,7 @@ class SourceSpec:
         if self.clip is not None: config_from_dict(ClipConfig, self.clip, where=f"source {self.path!r}: clip")
         self.name = self.name or self.loader
 
+# %% ../nbs/07_build.ipynb 7
 @dataclass
 class BuildConfig:
     "What to build: sources, caps, split and cleaning settings."
@@ -84,7 +85,7 @@ class BuildConfig:
         caps = PAPER_CAPS if self.caps is None else self.caps
         return spec.cap if spec.cap is not None else caps.get(f"{spec.name}/{task}")
 
-# %% ../nbs/07_build.ipynb 9
+# %% ../nbs/07_build.ipynb 10
 def synth_specs(root) -> list[SourceSpec]:
     "Sources reading a `write_synth` folder: classify, caption, vqa and conversation records."
     root = Path(root)
@@ -105,7 +106,7 @@ def paper_config(root) -> BuildConfig:
         SourceSpec("llava_med", str(r/"llava_med/llava_med_instruct_10k.json"), tasks=["caption", "conversation"],
                    options={"image_dir": str(r/"llava_med/images")})])
 
-# %% ../nbs/07_build.ipynb 12
+# %% ../nbs/07_build.ipynb 13
 def input_hash(path) -> dict:
     "SHA-256 of a file, or of a folder's sorted (relative path, file hash) list; with the file count."
     p = Path(path)
@@ -136,7 +137,7 @@ def load_all(specs: list, seed: int = 0) -> tuple[list, list, dict]:
     close_images()
     return recs, rejs, skipped
 
-# %% ../nbs/07_build.ipynb 15
+# %% ../nbs/07_build.ipynb 16
 def sample_balanced(records: list,  # records of one source and task
                     cap: int | None,  # how many to keep (None: all)
                     seed: int = 0,  # sampling seed
@@ -157,7 +158,7 @@ def sample_balanced(records: list,  # records of one source and task
     keep = sorted(i for k in pools for i in pools[k][:take[k]])
     return [records[i] for i in keep]
 
-# %% ../nbs/07_build.ipynb 18
+# %% ../nbs/07_build.ipynb 19
 def group_split(records: list,  # records to split
                 clusters: dict,  # image ref -> cluster id (from cleaning)
                 test_frac: float = 0.1,  # target fraction of test records
@@ -197,7 +198,7 @@ def count_leaks(records: list, clusters: dict) -> int:
             sides.setdefault(k, set()).add(r.split)
     return sum(len(v) > 1 for v in sides.values())
 
-# %% ../nbs/07_build.ipynb 21
+# %% ../nbs/07_build.ipynb 22
 _COPY_EXTS = {".tif": ".tif", ".tiff": ".tif", ".png": ".png", ".jpg": ".jpg", ".jpeg": ".jpg"}
 
 def encode_png(img) -> bytes:
@@ -226,7 +227,7 @@ def materialise_image(ref: str,  # image reference (path, h5:// or parquet://)
     dest.write_bytes(data)
     return rel, bytes_sha256(data)
 
-# %% ../nbs/07_build.ipynb 23
+# %% ../nbs/07_build.ipynb 24
 def table1(stats: dict) -> str:
     "The markdown Table 1 of a build's `stats`."
     lines = ["| Task | Source | Original | After cleaning | Remaining (%) | Final | Train | Test |",
@@ -267,7 +268,7 @@ def build_stats(original: dict,  # (source, task) -> records loaded (and rejecte
             "skipped_task": {f"{s}/{t}": n for (s, t), n in sorted((skipped or {}).items())},
             "not_sampled": {f"{s}/{t}": n - final_n.get((s, t), 0) for (s, t), n in sorted(cleaned.items())}}
 
-# %% ../nbs/07_build.ipynb 25
+# %% ../nbs/07_build.ipynb 26
 def clip_filter_sources(records: list,  # cleaned records of all sources
                         spec_of: dict,  # source name -> SourceSpec
                        ) -> tuple[list, list]:
@@ -281,7 +282,7 @@ def clip_filter_sources(records: list,  # cleaned records of all sources
     order = {r.id: i for i, r in enumerate(records)}
     return sorted(kept, key=lambda r: order[r.id]), rej
 
-# %% ../nbs/07_build.ipynb 27
+# %% ../nbs/07_build.ipynb 28
 def resolve_specs(cfg: BuildConfig, seed: int, synth_root) -> list:
     "The sources to read (the synthetic dataset under `synth_root` when the config has none), paths checked, PCam capped by index."
     specs = [dataclasses.replace(s, options=dict(s.options)) for s in cfg.sources]
@@ -301,7 +302,7 @@ def count_records(records: list, rejection_rows: list = ()) -> dict:
     for r in rejection_rows: n[(r["source"], r["task"])] = n.get((r["source"], r["task"]), 0) + 1
     return n
 
-# %% ../nbs/07_build.ipynb 28
+# %% ../nbs/07_build.ipynb 29
 class ImageStager:
     "An `on_image` hook for cleaning: PNG-encodes container (h5) images in worker threads as they are decoded."
     def __init__(self, folder: Path, workers: int = 2):
@@ -335,7 +336,7 @@ def rejection_rows(rejections: list, task_of: dict) -> list:
     "Rejections as rows of `rejections.jsonl`, each with the task of its record."
     return [{**x.to_dict(), "task": task_of.get(x.id, "")} for x in rejections]
 
-# %% ../nbs/07_build.ipynb 29
+# %% ../nbs/07_build.ipynb 30
 def sample_sources(kept: list, specs: list, cfg: BuildConfig, seed: int) -> list:
     "Each (source, task) capped and balanced (`sample_balanced`), in the order they come."
     spec_of, by, final = {s.name: s for s in specs}, {}, []
@@ -362,7 +363,7 @@ def store_images(records: list, infos: dict, out: Path, staged: dict) -> dict:
     for r in records: r.image = done[r.image]
     return hashes
 
-# %% ../nbs/07_build.ipynb 30
+# %% ../nbs/07_build.ipynb 31
 def _row(r: Record) -> dict:
     "A record's fields as a dict (a shallow copy: `Record.to_dict` deep-copies, 10x slower on 100K records)."
     return dict(vars(r))
@@ -392,7 +393,7 @@ def write_reports(tmp: Path, stats: dict, rej_rows: list, manifest: dict):
     write_jsonl(tmp/"rejections.jsonl", rej_rows)
     write_json(tmp/"manifest.json", manifest)
 
-# %% ../nbs/07_build.ipynb 31
+# %% ../nbs/07_build.ipynb 32
 def build(config=None,  # BuildConfig, dict, YAML/JSON path, or None (the embedded synthetic dataset)
           out="pathenhance_ds",  # output folder (replaced atomically)
           seed: int | None = None,  # overrides the config's seed
@@ -428,7 +429,7 @@ def build(config=None,  # BuildConfig, dict, YAML/JSON path, or None (the embedd
                           f"{stats['total']['test']} test), {len(rej_rows)} rejected, leaks {leaks}")
     return stats
 
-# %% ../nbs/07_build.ipynb 49
+# %% ../nbs/07_build.ipynb 50
 def build_cmd(config: str = None,  # YAML/JSON build config (default: the embedded synthetic dataset)
               out: str = "pathenhance_ds",  # output folder (replaced atomically when the build succeeds)
               seed: int = None,  # random seed (default: the config's, 0)

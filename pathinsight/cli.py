@@ -45,6 +45,11 @@ def _param_type(p: inspect.Parameter):
     if p.default is not inspect.Parameter.empty and p.default is not None: return type(p.default)
     return str
 
+def _with_default(help_: str, default) -> str:
+    "The help text, with the default appended when it says something and the text does not already give one."
+    if default in (None, "", [], ()) or "default" in help_.lower(): return help_
+    return f"{help_} (default: {default})"
+
 def command_parser(func, prog: str, optional_positionals: tuple = ()) -> argparse.ArgumentParser:
     "An argparse parser for `func` built from its signature and docments comments."
     from fastcore.docments import docments
@@ -52,18 +57,21 @@ def command_parser(func, prog: str, optional_positionals: tuple = ()) -> argpars
     ap = argparse.ArgumentParser(prog=prog, description=(inspect.getdoc(func) or "").splitlines()[0])
     for name, p in inspect.signature(func).parameters.items():
         help_, typ, flag = docs.get(name) or "", _param_type(p), "--" + name.replace("_", "-")
+        required = p.default is inspect.Parameter.empty
         if name in optional_positionals:
             ap.add_argument(name, type=typ, nargs="?", default=p.default, help=f"{help_} (optional)")
-        elif p.default is inspect.Parameter.empty:
+        elif required and p.kind is inspect.Parameter.KEYWORD_ONLY:
+            ap.add_argument(flag, dest=name, type=typ if typ is not list else str, nargs="+" if typ is list else None,
+                            required=True, help=f"{help_} (required)")
+        elif required:
             ap.add_argument(name, type=typ if typ is not list else str, nargs="+" if typ is list else None, help=help_)
         elif typ is bool and not p.default:
             ap.add_argument(flag, dest=name, action="store_true", help=help_)
         elif typ is bool:
             ap.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false", help=help_)
-        elif typ is list:
-            ap.add_argument(flag, dest=name, nargs="+", default=p.default, help=f"{help_} (default: {p.default})")
         else:
-            ap.add_argument(flag, dest=name, type=typ, default=p.default, help=f"{help_} (default: {p.default})")
+            ap.add_argument(flag, dest=name, type=None if typ is list else typ, nargs="+" if typ is list else None,
+                            default=p.default, help=_with_default(help_, p.default))
     return ap
 
 # %% ../nbs/90_cli.ipynb 11
@@ -95,7 +103,7 @@ def main(argv: list | None = None) -> int:
     args = command_parser(func, f"pathinsight {ns.command}", extra).parse_args(argv[1:])
     try:
         func(**vars(args))
-    except (PathinsightError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError, ValueError) as e:
+    except (PathinsightError, OSError) as e:  # the user's input or files; anything else is a bug and keeps its traceback
         if os.environ.get("PATHINSIGHT_DEBUG"): traceback.print_exc()
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"pathinsight {ns.command}: error: {msg}", file=sys.stderr)

@@ -105,6 +105,7 @@ class ClipModel:
         "The model's learned softmax temperature (exp of `logit_scale`)."
         return float(self.model.logit_scale.exp().item())
 
+# %% ../nbs/06_clip.ipynb 11
 def _device(device: str) -> str:
     import torch
     if device == "auto": return "cuda" if torch.cuda.is_available() else "cpu"
@@ -121,6 +122,7 @@ def _local_dir(spec) -> Path | None:
     p = Path(s).expanduser()
     return p if p.is_dir() or "/" in s or s.startswith(".") else None
 
+# %% ../nbs/06_clip.ipynb 12
 def load_clip(spec: str | Path | ClipConfig = BIOMEDCLIP,  # hub id, open_clip name, local directory, or a ClipConfig
               pretrained: str = "",  # open_clip pretrained tag or weights file (plain model names only)
               device: str = "auto",  # torch device ('auto' = cuda when available)
@@ -163,7 +165,7 @@ def load_clip(spec: str | Path | ClipConfig = BIOMEDCLIP,  # hub id, open_clip n
     model.eval()
     return ClipModel(model, preprocess, tokenizer, model_id, device, precision, str(spec), config)
 
-# %% ../nbs/06_clip.ipynb 12
+# %% ../nbs/06_clip.ipynb 14
 _TINY_WORDS = ("a an the of in with and or is this image images showing shows figure photo photograph h e & "
                "stained staining histopathology histology hematoxylin eosin tissue tissues section slide microscopy "
                "immunohistochemistry ihc dab immunostained gross macroscopic surgical specimen pathology radiology "
@@ -188,6 +190,7 @@ def save_clip(clip: ClipModel,  # a model loaded from (or built as) a local dire
         save_file(sd, str(tmp/"open_clip_model.safetensors"))
     return out
 
+# %% ../nbs/06_clip.ipynb 15
 def tiny_clip(out: str | Path,  # directory to write the model to
               vision: str = "test_vit",  # timm image tower (BiomedCLIP: vit_base_patch16_224)
               image_size: int = 64,  # input size (BiomedCLIP: 224)
@@ -231,7 +234,7 @@ def tiny_clip(out: str | Path,  # directory to write the model to
         save_file(sd, str(tmp/"open_clip_model.safetensors"))
     return out
 
-# %% ../nbs/06_clip.ipynb 22
+# %% ../nbs/06_clip.ipynb 25
 def _safe_name(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s)[:60] + "-" + bytes_sha256(s.encode())[:8]
 
@@ -257,7 +260,7 @@ class EmbeddingCache:
         with atomic_write(self.dir/name, "wb") as f:
             np.savez(f, keys=np.array(list(keys)), emb=np.asarray(emb, dtype=np.float32))
 
-# %% ../nbs/06_clip.ipynb 25
+# %% ../nbs/06_clip.ipynb 28
 class _ImageFiles:
     "Map-style dataset: (index, tensor or None, (reason, ref, detail) of an unreadable image or None)."
     def __init__(self, refs, preprocess): self.refs, self.preprocess = list(refs), preprocess
@@ -277,6 +280,7 @@ def _workers(n: int, device: str) -> int:
     cpus = os.cpu_count() or 1
     return min(8, cpus - 1) if device.startswith("cuda") else min(1, cpus - 1)
 
+# %% ../nbs/06_clip.ipynb 29
 def embed_images(clip: ClipModel,  # the model
                  paths: Sequence[str | Path],  # image files or container references (see `pathinsight.images`)
                  batch_size: int = 64,  # images per forward pass
@@ -317,6 +321,7 @@ def embed_images(clip: ClipModel,  # the model
         else: errors[i] = errors[first[k]]  # the same content as an image that failed to decode
     return out, errors
 
+# %% ../nbs/06_clip.ipynb 30
 def embed_texts(clip: ClipModel,  # the model
                 texts: Sequence[str],  # strings to embed
                 batch_size: int = 64,  # texts per forward pass
@@ -342,7 +347,7 @@ def embed_texts(clip: ClipModel,  # the model
     if not keys: return np.zeros((0, 0), dtype=np.float32)
     return np.stack([known[k] for k in keys]).astype(np.float32)
 
-# %% ../nbs/06_clip.ipynb 32
+# %% ../nbs/06_clip.ipynb 37
 def select_pairs(ids: Sequence[str],  # record ids
                  sources: Sequence[str],  # record sources (top-k is per source)
                  scores: Sequence[float],  # image–caption cosine per record
@@ -366,7 +371,7 @@ def select_pairs(ids: Sequence[str],  # record ids
                 rej.append(Rejection(ids[i], src, "clip", "not_top_k", f"rank {rank} of {len(idx)} in {src} (top_k={top_k})", float(scores[i])))
     return keep, rej
 
-# %% ../nbs/06_clip.ipynb 35
+# %% ../nbs/06_clip.ipynb 40
 def load_conch_prompts(path: str | Path,  # a CONCH prompts json
                        key: str = "0",  # which prompt set in the file
                       ) -> tuple[dict[str, list[str]], list[str]]:
@@ -406,7 +411,7 @@ def zero_shot_probs(img_emb: np.ndarray,  # [n, d] normalised image embeddings
     p = np.exp(z)
     return p/p.sum(1, keepdims=True)
 
-# %% ../nbs/06_clip.ipynb 38
+# %% ../nbs/06_clip.ipynb 43
 _CLIPS: dict = {}
 def _get_clip(cfg: ClipConfig) -> ClipModel:
     "Load (once per process) the model a config names."
@@ -414,6 +419,7 @@ def _get_clip(cfg: ClipConfig) -> ClipModel:
     if key not in _CLIPS: _CLIPS.clear(); _CLIPS[key] = load_clip(cfg)
     return _CLIPS[key]
 
+# %% ../nbs/06_clip.ipynb 44
 def _filter(records, cfg: ClipConfig, root, clip: ClipModel | None):
     "Kept records, rejections and per-record score rows."
     clip = clip or _get_clip(cfg)
@@ -463,6 +469,7 @@ def _filter(records, cfg: ClipConfig, root, clip: ClipModel | None):
         kept.append(orig)
     return kept, rej, [scores[i] for i in range(len(recs))]
 
+# %% ../nbs/06_clip.ipynb 45
 def clip_filter_records(records: Sequence[Record | dict],  # records of one source (or several)
                         cfg: ClipConfig | None = None,  # model and filter settings
                         root: str | Path = ".",  # folder the records' image paths are relative to
@@ -472,7 +479,7 @@ def clip_filter_records(records: Sequence[Record | dict],  # records of one sour
     kept, rej, _ = _filter(records, cfg or ClipConfig(), root, clip)
     return kept, rej
 
-# %% ../nbs/06_clip.ipynb 47
+# %% ../nbs/06_clip.ipynb 54
 def _zs_classes_for(rec: Record) -> str:
     name = label_set_name(rec.options)
     if name in ZS_CLASSES: return name
@@ -505,7 +512,7 @@ def zero_shot_predict(clip: ClipModel,  # the model
     if out is not None: write_jsonl(out, rows)
     return rows
 
-# %% ../nbs/06_clip.ipynb 51
+# %% ../nbs/06_clip.ipynb 58
 def _link_or_copy(src: Path, dst: Path):
     dst.parent.mkdir(parents=True, exist_ok=True)
     try: os.link(src, dst)
@@ -528,6 +535,7 @@ def write_filtered(out: Path,  # output directory (replaced atomically)
         for name, rs in rows.items(): write_jsonl(tmp/name, rs)
         write_json(tmp/"clip_filter.json", summary)
 
+# %% ../nbs/06_clip.ipynb 59
 def clip_filter_dataset(dataset_dir: str | Path,  # built dataset directory
                         out: str | Path,  # output directory (replaced atomically)
                         cfg: ClipConfig | None = None,  # model and filter settings
@@ -551,6 +559,7 @@ def clip_filter_dataset(dataset_dir: str | Path,  # built dataset directory
     get_logger().info(f"clip-filter: kept {len(kept)} of {len(recs)} records -> {out}")
     return summary
 
+# %% ../nbs/06_clip.ipynb 60
 def clip_filter_cmd(dataset_dir: str,  # built dataset directory (DatasetDict saved with save_to_disk)
                     out: str = "",  # output directory ('' = DATASET_DIR-clip)
                     model: str = None,  # CLIP model: hf-hub id, open_clip name or local directory (default BiomedCLIP)

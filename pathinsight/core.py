@@ -208,6 +208,7 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError: return True
     return True
 
+# %% ../nbs/00_core.ipynb 30
 def remove_stale_temps(path) -> list[Path]:
     "Remove the temporary folders beside `path` left by dead processes of this host (hard-killed runs); return them."
     import re, socket
@@ -244,6 +245,7 @@ def write_json(path, obj, indent: int | None = 2):
     "Write `obj` as JSON atomically (keys sorted, so the bytes are reproducible)."
     with atomic_write(path) as f: json.dump(obj, f, indent=indent, sort_keys=True, ensure_ascii=False)
 
+# %% ../nbs/00_core.ipynb 31
 def write_jsonl(path, rows: Iterable[dict]):
     "Write rows as JSON Lines atomically."
     with atomic_write(path) as f:
@@ -259,7 +261,7 @@ def read_jsonl(path) -> list[dict]:
             except json.JSONDecodeError as e: raise PathinsightError(f"{path}:{i}: malformed JSON line ({e.msg})") from None
     return out
 
-# %% ../nbs/00_core.ipynb 34
+# %% ../nbs/00_core.ipynb 36
 def _records_file(src: Path) -> list:
     recs = []
     for i, d in enumerate(read_jsonl(src), 1):
@@ -297,7 +299,7 @@ def read_dataset(src,  # a built dataset folder (save_to_disk) or a .jsonl of re
     if dup: raise PathinsightError(f"{src}: duplicate record ids {dup[:5]}{' ...' if len(dup) > 5 else ''}")
     return recs, root
 
-# %% ../nbs/00_core.ipynb 37
+# %% ../nbs/00_core.ipynb 39
 def get_logger(name: str = "pathinsight") -> logging.Logger:
     "The package logger (INFO to stderr unless the app configured logging)."
     log = logging.getLogger(name)
@@ -312,7 +314,7 @@ def progress(it: Iterable, desc: str = "", total: int | None = None, disable: bo
     if disable is None: disable = bool(os.environ.get("PATHINSIGHT_QUIET"))
     return tqdm(it, desc=desc, total=total, disable=disable, **kw)
 
-# %% ../nbs/00_core.ipynb 40
+# %% ../nbs/00_core.ipynb 42
 def unknown_keys_error(where: str, unknown, known) -> PathinsightError:
     "The error for keys that are not in `known`, with the closest known key for each typo."
     import difflib
@@ -352,7 +354,7 @@ def load_config(cls, src=None, **overrides):
     d.update({k: v for k, v in overrides.items() if v is not None})
     return config_from_dict(cls, d, where=str(src) if isinstance(src, (str, Path)) else "config")
 
-# %% ../nbs/00_core.ipynb 43
+# %% ../nbs/00_core.ipynb 45
 def sample_data_dir() -> Path | None:
     "The folder of real sample files (`PATHINSIGHT_SAMPLE_DATA`, or `shared/data` beside the repo), or None."
     env = os.environ.get("PATHINSIGHT_SAMPLE_DATA")

@@ -114,6 +114,7 @@ def _tokens_and_labels(processor, fam, pieces, img) -> dict:
     out.update({k: v for k, v in enc.items() if k not in per_token}, input_ids=input_ids, labels=labels)
     return out
 
+# %% ../nbs/10_encode.ipynb 13
 def _truncate(out: dict, processor, max_length: int, where: str) -> dict:
     "Cut `out` to `max_length` tokens inside an answer after the image, or reject it."
     import torch
@@ -144,7 +145,7 @@ def encode_example(example: dict, processor, family=None,  # example {image, tur
     pieces = chat_pieces(processor, to_messages(turns, where=where), where)
     return _truncate(_tokens_and_labels(processor, fam, pieces, img), processor, max_length, where)
 
-# %% ../nbs/10_encode.ipynb 18
+# %% ../nbs/10_encode.ipynb 19
 def flip_rotate(img):
     "Random horizontal flip and 90-degree rotation (tissue has no orientation); uses torch's RNG."
     import torch
@@ -169,7 +170,7 @@ class VLMDataset:
     def __getitem__(self, i):
         return encode_example(self.examples[i], self.processor, self.family, self.max_length, self.image_root, self.augment)
 
-# %% ../nbs/10_encode.ipynb 19
+# %% ../nbs/10_encode.ipynb 20
 class GroupedSampler:
     "Random batches of similar lengths: shuffle, sort within mega-batches by length bucket, shuffle the batches; seeded by seed+epoch."
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, mega: int = 50, bucket: int = 16):
@@ -202,7 +203,7 @@ def random_batches(n: int, batch_size: int, seed: int = 0) -> list[list[int]]:
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return [idx[j:j + batch_size] for j in range(0, n, batch_size)]
 
-# %% ../nbs/10_encode.ipynb 21
+# %% ../nbs/10_encode.ipynb 22
 class VLMCollator:
     "Pads encoded examples (or encodes raw ones first) into a batch; image inputs are concatenated."
     def __init__(self, processor, family=None, max_length: int = 2048, image_root=None, padding_side: str = "right"):
@@ -232,7 +233,7 @@ class VLMCollator:
             else: out[k] = torch.cat([b[k] for b in batch])
         return out
 
-# %% ../nbs/10_encode.ipynb 24
+# %% ../nbs/10_encode.ipynb 25
 def encode_prompts(processor, family, examples: list[dict],  # processor, family, examples {image, turns}
                    image_root=None) -> dict:  # base of relative image paths
     "The left-padded batch of the examples' prompts (up to the last user turn) with their images."

@@ -198,6 +198,7 @@ def _best(rows, j):
 
 def _fmt(v, digits=3): return "–" if v is None else f"{v:.{digits}f}"
 
+# %% ../nbs/14_evaluate.ipynb 24
 def table_markdown(header, rows, digits: int = 3) -> str:
     "The table as GitHub markdown, the best value per column in bold (none when all tie)."
     best = [None] + [_best(rows, j) for j in range(1, len(header))]
@@ -238,6 +239,7 @@ TABLE_NOTE = ("CRC F1 and recall: macro averages over the classes in the referen
               "VQA: closed (yes/no) accuracy by the first yes/no word, an answer with neither counts wrong; "
               "unparsed answers count wrong.")
 
+# %% ../nbs/14_evaluate.ipynb 25
 def table_notes(run_dirs: Sequence) -> str:
     "Notes under the table: the metric definitions, and unparsed answers per run and task."
     lines = [TABLE_NOTE]
@@ -268,7 +270,7 @@ def table_cmd(run_dirs: list,  # run directories (each with metrics.json), one r
             with atomic_write(o/name) as f: f.write(text)
     return header, rows
 
-# %% ../nbs/14_evaluate.ipynb 27
+# %% ../nbs/14_evaluate.ipynb 29
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 def check_model_dir(model) -> Path | str:
@@ -291,9 +293,9 @@ def training_seed(model) -> int:
     try: return int(json.loads(p.read_text()).get("config", {}).get("seed", 0))
     except (json.JSONDecodeError, TypeError, ValueError): raise PathinsightError(f"{p}: malformed training record") from None
 
-def eval_cmd(model: str | None = None,  # saved model or LoRA adapter directory (with its processor), or a hub id (an untuned base)
-             data: str | None = None,  # references: built dataset directory or records .jsonl
-             out: str | None = None,  # run directory: predictions.jsonl, metrics.json, scored.jsonl
+def eval_cmd(*, model: str,  # saved model or LoRA adapter directory (with its processor), or a hub id (an untuned base)
+             data: str,  # references: built dataset directory or records .jsonl
+             out: str,  # run directory: predictions.jsonl, metrics.json, scored.jsonl
              split: str = "test",  # split to evaluate
              batch_size: int = 8,  # generation batch size
              max_new_tokens: int = 64,  # longest answer in tokens
@@ -303,7 +305,6 @@ def eval_cmd(model: str | None = None,  # saved model or LoRA adapter directory 
              load_in_4bit: bool = False,  # load the (base) model in 4-bit nf4 (a 7B model on a GPU under 24 GiB)
             ):
     "Generate answers for the references with a saved model and score them (metrics.json in OUT)."
-    if not (model and data and out): raise PathinsightError("eval needs --model, --data and --out")
     check_model_dir(model)
     recs, root = read_dataset(data, split)
     if limit: recs = recs[:limit]

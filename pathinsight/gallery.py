@@ -71,6 +71,7 @@ def gallery_items(run_dirs: Sequence,  # run directories to compare (first = bas
         out.append({"id": i, "image": str(root/r0["image"]), "question": r0["question"], "reference": ref, "answers": ans})
     return out
 
+# %% ../nbs/15_gallery.ipynb 13
 def _printable(text) -> str:
     "`text` with control and unassigned characters (common in an untrained model's output) shown as '¤'."
     import unicodedata
@@ -82,6 +83,7 @@ def _wrap(text: str, width: int, max_lines: int) -> str:
     if len(lines) > max_lines: lines = lines[:max_lines]; lines[-1] = lines[-1][:max(0, width - 1)] + "…"
     return "\n".join(lines)
 
+# %% ../nbs/15_gallery.ipynb 14
 def plot_gallery(items: Sequence[dict],  # from `gallery_items`
                  out_png=None,  # save here (PNG) when given
                  ncols: int = 4,  # items per row
@@ -120,7 +122,7 @@ def plot_gallery(items: Sequence[dict],  # from `gallery_items`
     if out_png is not None: save_figure(fig, out_png)
     return fig
 
-# %% ../nbs/15_gallery.ipynb 17
+# %% ../nbs/15_gallery.ipynb 19
 def plot_confusion(cm,  # matrix (rows: reference), a classification metrics dict, or a run directory
                    labels: Sequence[str] | None = None,  # row labels (taken from the metrics when given)
                    columns: Sequence[str] | None = None,  # column labels (default: labels, plus 'unparsed' if one more column)
@@ -157,7 +159,7 @@ def plot_confusion(cm,  # matrix (rows: reference), a classification metrics dic
     if out_png is not None: save_figure(fig, out_png)
     return fig
 
-# %% ../nbs/15_gallery.ipynb 20
+# %% ../nbs/15_gallery.ipynb 22
 def read_loss_csv(path) -> dict[str, list]:
     "Columns step, loss and (if present) eval_loss of a training log CSV, as lists (None for empty cells)."
     path = Path(path)
@@ -199,7 +201,7 @@ def plot_training_curve(logs,  # a loss CSV path, or {run name: CSV path} to ove
     if out_png is not None: save_figure(fig, out_png)
     return fig
 
-# %% ../nbs/15_gallery.ipynb 23
+# %% ../nbs/15_gallery.ipynb 25
 RATINGS = ("correctness", "honesty")
 SHEET_COLUMNS = ["item", "question", "reference", "answer_a", "answer_b",
                  "correctness_a", "honesty_a", "correctness_b", "honesty_b", "comment"]
@@ -209,6 +211,7 @@ def _thumb_b64(path, size: int) -> str:
     b = io.BytesIO(); im.save(b, format="JPEG", quality=85)
     return base64.b64encode(b.getvalue()).decode()
 
+# %% ../nbs/15_gallery.ipynb 26
 def make_review_sheet(run_a,  # first scored run directory (e.g. base)
                       run_b,  # second scored run directory (e.g. tuned)
                       out_dir,  # writes sheet.html, sheet.csv and key.json here
@@ -247,6 +250,7 @@ def make_review_sheet(run_a,  # first scored run directory (e.g. base)
     write_json(out/"key.json", key)
     return key
 
+# %% ../nbs/15_gallery.ipynb 27
 def _sheet_html(items, sheet_id, show_reference) -> str:
     e = html.escape
     head = ("<!doctype html><html><head><meta charset='utf-8'><title>pathinsight review sheet</title><style>"
@@ -266,7 +270,7 @@ def _sheet_html(items, sheet_id, show_reference) -> str:
                     f"<td>{e(str(row['answer_a']))}</td><td>{e(str(row['answer_b']))}</td>" + "<td></td>" * 4 + "</tr>")
     return head + "".join(body) + "</table></body></html>\n"
 
-# %% ../nbs/15_gallery.ipynb 26
+# %% ../nbs/15_gallery.ipynb 30
 def _rating(v, path, item, col):
     v = (v or "").strip()
     if not v: return None
@@ -276,6 +280,7 @@ def _rating(v, path, item, col):
         raise PathinsightError(f"{path}: item {item}: {col} must be an integer 1-5, got {v!r}")
     return x
 
+# %% ../nbs/15_gallery.ipynb 31
 def aggregate_reviews(sheets,  # filled sheet.csv path(s), one per rater
                       key,  # key.json path (or the key dict)
                      ) -> dict:
@@ -319,7 +324,7 @@ def aggregate_reviews(sheets,  # filled sheet.csv path(s), one per rater
                           "wins": wins[n], "win_rate": wins[n] / compared if compared else None}
     return res
 
-# %% ../nbs/15_gallery.ipynb 30
+# %% ../nbs/15_gallery.ipynb 35
 def gallery_cmd(run_dirs: list,  # scored run directories (e.g. base then tuned)
                 out: str = "figures",  # output directory for the PNGs
                 n: int = 8,  # items in the grid

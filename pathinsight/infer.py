@@ -114,7 +114,7 @@ def predict(model, processor, examples: list[dict], out_jsonl,  # model, process
 # %% ../nbs/12_infer.ipynb 17
 def ask_cmd(image: str,  # image file
             question: str,  # the question
-            model: str = "",  # trained model / adapter directory, or a hub id / family name (an untuned base model)
+            *, model: str,  # trained model / adapter directory, or a hub id / family name (an untuned base model)
             max_new_tokens: int = 64,  # longest answer in tokens
             trust_remote_code: bool = False,  # allow remote-code families (Qwen-VL-Chat, XComposer2)
             load_in_4bit: bool = False):  # load the model in 4-bit nf4 (a 7B model on a small GPU)

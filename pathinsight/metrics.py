@@ -61,6 +61,7 @@ def _phrase_table(synonyms: dict) -> tuple[dict, int]:
 
 _TABLES: dict = {}
 
+# %% ../nbs/13_metrics.ipynb 12
 def find_labels(text: str | None, synonyms: dict = CRC_SYNONYMS) -> list[str]:
     "Labels named in `text`, in order of appearance (greedy longest-phrase matching over tokens)."
     key = id(synonyms)  # the cache keeps `synonyms` alive, so its id is not reused while cached
@@ -83,7 +84,7 @@ def parse_label(text: str | None, synonyms: dict = CRC_SYNONYMS) -> str | None:
     labs = set(find_labels(text, synonyms))
     return labs.pop() if len(labs) == 1 else None
 
-# %% ../nbs/13_metrics.ipynb 17
+# %% ../nbs/13_metrics.ipynb 18
 YES_WORDS, NO_WORDS = frozenset({"yes", "positive", "true"}), frozenset({"no", "negative", "false"})
 PCAM_SYNONYMS = {"yes": ("tumor", "tumour", "tumor tissue", "metastasis", "metastatic", "malignant", "cancer", "carcinoma"),
                  "no": ("normal", "benign", "healthy", "no tumor", "no tumour", "tumor free", "tumour free")}
@@ -102,7 +103,7 @@ def first_yes_no(text: str | None) -> str | None:
         if t in ("yes", "no"): return t
     return None
 
-# %% ../nbs/13_metrics.ipynb 20
+# %% ../nbs/13_metrics.ipynb 21
 def confusion_matrix(y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str] | None = None) -> tuple[np.ndarray, list[str], list[str]]:
     "Counts with rows = reference labels, columns = labels + 'unparsed'; returns (matrix, rows, columns)."
     if len(y_true) != len(y_pred): raise PathinsightError(f"{len(y_true)} references but {len(y_pred)} predictions")
@@ -136,7 +137,7 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], 
         "per_class": {l: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])} for i, l in enumerate(rows)},
         "labels": rows, "confusion": cm.tolist(), "confusion_columns": cols}
 
-# %% ../nbs/13_metrics.ipynb 24
+# %% ../nbs/13_metrics.ipynb 25
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     "Length of the longest common subsequence of token lists `a` and `b` (bit-parallel)."
     if not a or not b: return 0
@@ -179,7 +180,7 @@ def caption_metrics(preds: Sequence[str | None], refs: Sequence[str | None]) -> 
             "rouge1": math.fsum(x["rouge1"] for x in s) / n, "rougeL": math.fsum(x["rougeL"] for x in s) / n,
             "n_empty": sum(1 for x in s if x["hyp_len"] == 0)}
 
-# %% ../nbs/13_metrics.ipynb 32
+# %% ../nbs/13_metrics.ipynb 33
 def normalize_answer(text: str | None) -> str:
     "The answer as its lowercase word tokens joined by single spaces (what exact match compares)."
     return " ".join(tokenize(text))
@@ -192,7 +193,7 @@ def exact_match_accuracy(preds: Sequence[str | None],  # generated answers (or r
     if not refs: return 0.0
     return sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(preds, refs)) / len(refs)
 
-# %% ../nbs/13_metrics.ipynb 36
+# %% ../nbs/13_metrics.ipynb 37
 def closed_correct(pred: str | None, ref: str) -> bool:
     "A closed (yes/no) answer is right iff its first yes/no token equals the reference."
     return first_yes_no(pred) == first_yes_no(ref) is not None

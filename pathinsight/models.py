@@ -11,6 +11,11 @@ from typing import Callable
 from .core import PathinsightError, CRC_CLASSES, seed_everything, get_logger
 from .tutorial import choose_model, hub_files_only, offline_hub, tutorial_load_kwargs
 
+# bitsandbytes logs a warning when it is imported (by peft and transformers) on CPUs with AVX512-BF16 and no
+# `kernels` package: an optional kernel for 4-bit inference that nothing here needs. Keep the console quiet.
+import logging as _logging
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
 # %% auto 0
 __all__ = ['LLAVA_TEMPLATE', 'QWEN2VL_TEMPLATE', 'INTERNVL_TEMPLATE', 'FAMILIES', 'DEFAULT_TEXTS', 'Family', 'get_family',
            'tiny_tokenizer', 'tiny_model', 'save_model', 'disable_bnb_cpu_repack', 'default_compute_dtype',
@@ -92,6 +97,7 @@ def _tiny_llava(tok, image_size=64, hidden=32, layers=2, patch=8):
                           num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
     return model, proc
 
+# %% ../nbs/09_models.ipynb 11
 def _tiny_qwen2vl(tok, image_size=64, hidden=32, layers=2, patch=8, v25=False):
     import transformers as tf
     heads = 2; head_dim = hidden // heads
@@ -117,6 +123,7 @@ def _tiny_qwen2vl(tok, image_size=64, hidden=32, layers=2, patch=8, v25=False):
     proc = P(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=QWEN2VL_TEMPLATE)
     return model, proc
 
+# %% ../nbs/09_models.ipynb 12
 def _tiny_internvl(tok, image_size=64, hidden=32, layers=2, patch=8):
     import transformers as tf
     n_img = (image_size // patch) ** 2 // 4  # downsample_ratio 0.5 -> a quarter of the patches
@@ -137,7 +144,7 @@ def _tiny_internvl(tok, image_size=64, hidden=32, layers=2, patch=8):
                                 chat_template=INTERNVL_TEMPLATE)
     return model, proc
 
-# %% ../nbs/09_models.ipynb 12
+# %% ../nbs/09_models.ipynb 14
 _CHATML = dict(end_token="<|im_end|>", pad_token="<|endoftext|>")
 _QWEN_SPECIAL = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
@@ -185,7 +192,7 @@ def get_family(name_or_model) -> Family:
         if key in f.model_types or key == f.hub_id.lower(): return f
     raise PathinsightError(f"unknown model family {name_or_model!r} (known: {sorted(FAMILIES)})")
 
-# %% ../nbs/09_models.ipynb 16
+# %% ../nbs/09_models.ipynb 18
 DEFAULT_TEXTS = ["What type of tissue is shown in this histopathology image?",
                  "Describe the image.", "Is there tumor in this image? yes no",
                  *CRC_CLASSES, *CRC_CLASSES.values()]
@@ -215,7 +222,7 @@ def tiny_tokenizer(family: str | Family, texts: list[str] | None = None,  # fami
                                   extra_special_tokens=extra)
     return tok
 
-# %% ../nbs/09_models.ipynb 19
+# %% ../nbs/09_models.ipynb 21
 def tiny_model(family: str = "llava",  # family name (see `FAMILIES`)
                out_dir: str | Path | None = None,  # save model + processor here (safetensors) when given
                texts: list[str] | None = None,  # extra tokenizer corpus: prompts, answers, class names
@@ -244,7 +251,7 @@ def save_model(model, processor, out_dir):
     processor.save_pretrained(out_dir)
     return out_dir
 
-# %% ../nbs/09_models.ipynb 21
+# %% ../nbs/09_models.ipynb 23
 def _read_model_type(src: str) -> str | None:
     p = Path(src)/"config.json"
     if p.exists():
@@ -274,6 +281,7 @@ def _hub_model_type(repo_id: str, files_only: bool) -> str | None:
         try: return _read_model_type(Path(hf_hub_download(repo_id, "config.json")).parent)
         except OSError as e: raise PathinsightError(f"cannot read config.json of {repo_id}: {str(e).splitlines()[0]}") from None
 
+# %% ../nbs/09_models.ipynb 24
 def model_source(spec_or_dir: str | Path,  # family name, hub id or local directory
                  family: str | None = None,  # family (default: read from config.json or the spec)
                  local_files_only: bool | None = None,  # None: a directory, or a cached hub id when the hub is down
@@ -306,6 +314,7 @@ def quantization_config(fam: "Family", compute_dtype: str = "auto"):
         bnb_4bit_compute_dtype=getattr(torch, default_compute_dtype() if compute_dtype == "auto" else compute_dtype),
         llm_int8_skip_modules=[fam.lm_head, fam.projector])  # full paths: matched from the start of module names
 
+# %% ../nbs/09_models.ipynb 25
 def load_model(spec_or_dir: str | Path,  # family name, hub id or local directory
                family: str | None = None,  # family (default: read from config.json or the spec)
                dtype: str = "auto",  # torch dtype name: auto | float32 | bfloat16 | float16
@@ -336,7 +345,7 @@ def load_model(spec_or_dir: str | Path,  # family name, hub id or local director
     model.eval()
     return model, processor, fam
 
-# %% ../nbs/09_models.ipynb 25
+# %% ../nbs/09_models.ipynb 29
 def _prefix(model, fam: Family, path: str) -> str:
     "The name prefix of module `path` in `model`'s `named_parameters` (handles PEFT wrappers)."
     names = dict(model.named_modules())
@@ -372,7 +381,7 @@ def lora_targets(model, family: str | Family | None = None,
             if any(n == pre + l or n.endswith("." + l) for l in leaves[part]): out.append(n); break
     return out
 
-# %% ../nbs/09_models.ipynb 27
+# %% ../nbs/09_models.ipynb 31
 def inference_device(device: str = "auto") -> str:
     "`device`, or for 'auto' cuda when a GPU is available, else cpu."
     if device != "auto": return device
@@ -413,7 +422,7 @@ def load_trained(path,  # a trained output directory (full model or LoRA adapter
     model.eval()
     return place_model(model, device), processor, fam
 
-# %% ../nbs/09_models.ipynb 33
+# %% ../nbs/09_models.ipynb 37
 def tutorial_model(family: str = "llava",  # model family (see `FAMILIES`)
                    tiny_dir=None,  # where to build the tiny fallback (default: a temporary folder)
                    hub: bool | None = None,  # hub reachable (None: check)

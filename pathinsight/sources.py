@@ -116,6 +116,7 @@ def balanced_indices(labels,  # integer label per item
             if left == 0: break
     return sorted(int(i) for c in pools for i in pools[c][:take[c]])
 
+# %% ../nbs/04_sources.ipynb 14
 def load_pcam(root,  # folder with the PCam h5 files, or the `_x.h5` file
               split: str = "train",  # train | valid | test
               k: int | None = None,  # class-balanced sample size (None: every patch)
@@ -146,7 +147,7 @@ def load_pcam(root,  # folder with the PCam h5 files, or the `_x.h5` file
         yield Record(rid, source, "classify", image=f"h5://{xp.resolve()}#{i}", label=names[lab], options=options,
                      group=groups.get(i, rid), provenance=f"{xp.name}#{i}")
 
-# %% ../nbs/04_sources.ipynb 15
+# %% ../nbs/04_sources.ipynb 16
 def write_pcam_h5(root,  # output folder
                   n: int,  # number of patches
                   split: str = "train",  # split name in the file names
@@ -173,7 +174,7 @@ def write_pcam_h5(root,  # output folder
             y[s:s+m] = (rng.random((m, 1, 1, 1)) < pos_frac).astype(np.uint8)
     return xp
 
-# %% ../nbs/04_sources.ipynb 18
+# %% ../nbs/04_sources.ipynb 19
 def answer_type(answer: str) -> str:
     "`closed` for a yes/no answer, else `open`."
     return "closed" if str(answer).strip().lower().rstrip(".") in ("yes", "no") else "open"
@@ -187,6 +188,7 @@ def _pvqa_image_dirs(path: Path, image_dir, split):
     base = path.parent
     return [base/"images"/split, base/"images", base/split] if split else [base/"images", base]
 
+# %% ../nbs/04_sources.ipynb 20
 def load_pathvqa(path,  # HF parquet file or folder, LXMERT json, or qas pkl
                  image_dir=None,  # image folder for the json/pkl layouts (default: `images/<split>` beside the file)
                  source: str = "pathvqa",  # source name stored in the records
@@ -235,6 +237,7 @@ def load_pathvqa(path,  # HF parquet file or folder, LXMERT json, or qas pkl
                 yield _rej(rid, source, "missing_image", f"{path}[{i}]: image {img_id!r} not found in {dirs[0]}"); continue
             yield _pvqa_record(source, rid, str(img) if img else str(img_id), q, a, str(img_id), f"{path.name}[{i}][{j}]")
 
+# %% ../nbs/04_sources.ipynb 21
 def _pathvqa_saved(path: Path, source):
     "A `save_to_disk` Dataset or DatasetDict folder (arrow files) with image/question/answer columns."
     if (path/"dataset_dict.json").exists():
@@ -270,7 +273,7 @@ def _pathvqa_parquet(files, source):
                 else: yield _pvqa_record(source, rid, f"parquet://{f.resolve()}#{row}", q, a, rid, f"{f.name}#{row}")
                 row += 1
 
-# %% ../nbs/04_sources.ipynb 23
+# %% ../nbs/04_sources.ipynb 26
 PATHOLOGY_KEYWORDS = ("histolog", "histopath", "patholog", "h&e", "h & e", "hematoxylin", "haematoxylin", "eosin",
                       "biopsy", "stain", "carcinoma", "tumor", "tumour", "tissue", "cells", "lymph", "mucosa",
                       "epitheli", "stroma", "gland", "immunohisto", "micrograph", "necrosis", "neoplasm")
@@ -291,6 +294,7 @@ def _strip_image(text: str) -> tuple[str, str]:
 
 _ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
+# %% ../nbs/04_sources.ipynb 27
 def load_llava_med(path,  # instruct json (list) / jsonl, or the eval QA jsonl
                    image_dir=None,  # folder of the images (default: the file's folder)
                    source: str = "llava_med",  # source name stored in the records
@@ -346,7 +350,7 @@ def load_llava_med(path,  # instruct json (list) / jsonl, or the eval QA jsonl
         else:
             yield Record(rid, source, "conversation", image=str(img), turns=turns, group=group, provenance=where, meta=json.dumps(meta))
 
-# %% ../nbs/04_sources.ipynb 27
+# %% ../nbs/04_sources.ipynb 31
 _URL = re.compile(r"(https?://\S+|www\.\S+|pic\.twitter\.com/\S+)")
 _MENTION = re.compile(r"(?<![\w@])@\w+:?")
 
@@ -389,7 +393,7 @@ def load_openpath(path,  # csv with tweet id, text and image file columns
             yield Record(rid, source, "caption", image=str(ip), caption=clean_tweet(text), group=tid,
                          provenance=f"{path.name} row {i+2}", meta=json.dumps({"tweet_id": tid}))
 
-# %% ../nbs/04_sources.ipynb 30
+# %% ../nbs/04_sources.ipynb 34
 BLADDER_DIAGNOSES = ("insufficient information", "high grade", "low grade", "normal")
 
 def bladder_diagnosis(report: str) -> str:
@@ -428,7 +432,7 @@ def load_bladder(path,  # annotation json (either layout)
             yield Record(f"{rid}-{k}" if captions == "all" else rid, source, "caption", image=str(img or idir/name),
                          caption=caps[k], group=slide, provenance=where, meta=json.dumps(meta))
 
-# %% ../nbs/04_sources.ipynb 33
+# %% ../nbs/04_sources.ipynb 37
 def _row_options(row: dict, label_set: str) -> list:
     "The label set of a classify row: its own `options` (dict label -> answer, or a list of answers), else `label_set`."
     opts = row.get("options")
@@ -468,6 +472,7 @@ def load_records_jsonl(path,  # JSON Lines file with record fields
 LOADERS = {"crc": load_crc, "pcam": load_pcam, "pathvqa": load_pathvqa, "llava_med": load_llava_med,
            "openpath": load_openpath, "bladder": load_bladder, "jsonl": load_records_jsonl}
 
+# %% ../nbs/04_sources.ipynb 38
 def load_source(loader: str,  # a key of LOADERS
                 path,  # the source's file or folder
                 **options,  # loader keywords (source, k, seed, image_dir, ...)

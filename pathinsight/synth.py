@@ -105,6 +105,7 @@ def _muc(S, rng, s):
     H = np.maximum(H, _to_float(draw_nuclei(S, rng, n, 3*s), 0.5*s)*0.8)
     return H, E, {"density": "low", "nuclear_size": "small"}
 
+# %% ../nbs/03_synth.ipynb 13
 def _fibres(S, rng, angle, cells=12, stretch=6):
     "Fibrous texture along `angle` (a field stretched along x, rotated)."
     big = int(S*1.5)
@@ -141,6 +142,7 @@ def _norm(S, rng, s):
     E = E*(1 - 0.85*_to_float(G, 0.8*s))
     return H, E, {"density": _density_word(n_total, S), "nuclear_size": "small"}
 
+# %% ../nbs/03_synth.ipynb 14
 def _str(S, rng, s):
     E = 0.3 + 0.35*_fibres(S, rng, rng.uniform(0, np.pi), cells=6, stretch=3)
     n = int(rng.uniform(20, 45))
@@ -158,7 +160,7 @@ def _tum(S, rng, s):
 MORPHOLOGY = {"ADI": _adi, "BACK": _back, "DEB": _deb, "LYM": _lym, "MUC": _muc, "MUS": _mus,
               "NORM": _norm, "STR": _str, "TUM": _tum}
 
-# %% ../nbs/03_synth.ipynb 15
+# %% ../nbs/03_synth.ipynb 17
 def synth_tile_attrs(code: str,  # CRC class code, e.g. 'TUM'
                      size: int = 224,  # tile side in pixels
                      seed: int = 0,  # dataset seed
@@ -175,7 +177,7 @@ def synth_tile(code: str, size: int = 224, seed: int = 0, index: int = 0) -> Ima
     "One synthetic H&E-like tile of class `code`."
     return synth_tile_attrs(code, size, seed, index)[0]
 
-# %% ../nbs/03_synth.ipynb 20
+# %% ../nbs/03_synth.ipynb 22
 _FEATURES = {
     "ADI": "large empty vacuoles separated by thin eosinophilic membranes with rare flattened peripheral nuclei",
     "BACK": "no tissue; only the bright glass background is visible",
@@ -204,7 +206,7 @@ def synth_questions(code: str, attrs: dict, rng) -> list[tuple[str, str]]:
     qs.append(("Are the nuclei densely crowded?", "yes" if attrs["density"] == "high" else "no"))
     return qs
 
-# %% ../nbs/03_synth.ipynb 23
+# %% ../nbs/03_synth.ipynb 25
 @dataclass
 class SynthConfig:
     "Settings of the embedded synthetic dataset."
@@ -230,7 +232,7 @@ def _save_tile(img, path, fmt):
     if fmt == "tif": img.save(path, format="TIFF", compression="packbits")
     else: img.save(path, format="PNG", optimize=False)
 
-# %% ../nbs/03_synth.ipynb 24
+# %% ../nbs/03_synth.ipynb 26
 def write_synth(out,  # output directory (created; must not exist unless overwrite)
                 n_per_class: int = 20,  # tiles per tissue class
                 size: int = 224,  # tile side in pixels
@@ -278,7 +280,7 @@ def write_synth(out,  # output directory (created; must not exist unless overwri
     except OSError as e: raise PathinsightError(f"cannot write {out}: {e.strerror or e}") from None
     return out
 
-# %% ../nbs/03_synth.ipynb 27
+# %% ../nbs/03_synth.ipynb 29
 def tile_features(img: Image.Image) -> np.ndarray:
     "Colour and texture statistics of a tile (a simple, model-free feature vector)."
     a = np.asarray(img.convert("RGB"), dtype=np.float32)/255
@@ -289,7 +291,7 @@ def tile_features(img: Image.Image) -> np.ndarray:
     return np.array([*a.mean((0, 1)), *a.std((0, 1)), (h > 0.6).mean(), (h > 1.0).mean(), (g > 0.85).mean(),
                      gy, gx, abs(gx - gy), np.percentile(g, 10), np.percentile(g, 90)], dtype=np.float32)
 
-# %% ../nbs/03_synth.ipynb 30
+# %% ../nbs/03_synth.ipynb 32
 def synth_cmd(out: str,  # output directory
               n_per_class: int = 20,  # tiles per tissue class
               size: int = 224,  # tile side in pixels

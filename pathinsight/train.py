@@ -8,8 +8,8 @@ import csv, json, math, os, random, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from .core import (PathinsightError, Rejection, get_logger, load_config, read_dataset, read_jsonl, write_json,
-                              atomic_write, seed_everything, progress, Record)
-from .models import get_family, load_model, model_parts, lora_targets, save_model, disable_bnb_cpu_repack
+                              write_jsonl, atomic_write, seed_everything, progress, Record)
+from .models import get_family, load_model, model_parts, lora_targets, save_model, disable_bnb_cpu_repack, tiny_model
 from .encode import GroupedSampler, VLMCollator, VLMDataset, flip_rotate
 
 # %% auto 0
@@ -20,6 +20,7 @@ __all__ = ['MODES', 'ACCELERATE_CONFIGS', 'DEEPSPEED_CONFIGS', 'RECIPES', 'Train
 # %% ../nbs/11_train.ipynb 6
 MODES = ("lora", "qlora", "full")
 
+# %% ../nbs/11_train.ipynb 7
 @dataclass
 class TrainConfig:
     "PathoSync training settings; defaults are the paper's."
@@ -68,6 +69,7 @@ class TrainConfig:
         if self.mode not in MODES: raise PathinsightError(f"train config: unknown mode {self.mode!r} (expected one of {MODES})")
         self.lora_parts = tuple(self.lora_parts)
 
+# %% ../nbs/11_train.ipynb 8
 def tiny_recipe(**overrides) -> TrainConfig:
     "The training recipe that makes a random tiny model learn (STACK.md); `overrides` on top."
     d = dict(learning_rate=2e-3, lr_scheduler_type="cosine", warmup_ratio=0.02, per_device_train_batch_size=16,
@@ -76,7 +78,7 @@ def tiny_recipe(**overrides) -> TrainConfig:
     d.update(overrides)
     return TrainConfig(**d)
 
-# %% ../nbs/11_train.ipynb 9
+# %% ../nbs/11_train.ipynb 11
 def trainable_counts(model, family=None) -> dict:
     "Trainable / total parameter counts, overall and per part (vision, projector, lm, lm_head)."
     parts = model_parts(model, family)
@@ -115,7 +117,7 @@ def prepare_model(model, cfg: TrainConfig, family=None):
         if hasattr(model, "enable_input_require_grads"): model.enable_input_require_grads()
     return model
 
-# %% ../nbs/11_train.ipynb 13
+# %% ../nbs/11_train.ipynb 15
 def read_examples(path, image_root=None, seed: int = 0) -> list[dict]:
     "Training examples `{id, image, turns}` from a jsonl / JSON file of {image, turns} rows or records."
     path = Path(path)
@@ -144,7 +146,7 @@ def read_examples(path, image_root=None, seed: int = 0) -> list[dict]:
         out.append({"id": rid, "image": img, "turns": turns, "source": r.get("source", "")})
     return out
 
-# %% ../nbs/11_train.ipynb 16
+# %% ../nbs/11_train.ipynb 18
 _ACC_BASE = {"compute_environment": "LOCAL_MACHINE", "machine_rank": 0, "num_machines": 1, "num_processes": 8,
              "mixed_precision": "bf16", "main_training_function": "main", "rdzv_backend": "static",
              "same_network": True, "use_cpu": False, "gpu_ids": "all", "main_process_ip": None, "main_process_port": None}
@@ -191,7 +193,22 @@ def accelerate_config_cmd(name: str,  # ddp | zero2 | zero3 | fsdp
     print(f"wrote {p}; run: accelerate launch --config_file {p} -m pathinsight.train --config train.yaml")
     return p
 
-# %% ../nbs/11_train.ipynb 19
+# %% ../nbs/11_train.ipynb 21
+def _callbacks():
+    "The loss-in-the-bar progress callback and the last-step logger (transformers imported when training)."
+    from transformers.trainer_callback import ProgressCallback, TrainerCallback
+    class LossBar(ProgressCallback):
+        "The training progress bar, with the latest loss in it instead of a printed dict per log step."
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+    class LogLastStep(TrainerCallback):
+        "Log the loss at the last step too, so a run shorter than `logging_steps` still reports its last loss."
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= state.max_steps: control.should_log = True
+            return control
+    return LossBar, LogLastStep
+
 def _trainer_cls():
     from transformers import Trainer
     class PathTrainer(Trainer):
@@ -204,18 +221,19 @@ def _trainer_cls():
             return super()._get_train_sampler(train_dataset) if train_dataset is not None else super()._get_train_sampler()
     return PathTrainer
 
+# %% ../nbs/11_train.ipynb 22
 def write_loss_curve(log_history: list[dict], out_dir) -> Path:
     "Write the logged training loss as `loss.csv` and `loss.png` in `out_dir`."
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, safe in threads
     rows = [(h["step"], h["loss"], h.get("learning_rate", "")) for h in log_history if "loss" in h]
     out_dir = Path(out_dir)
     with atomic_write(out_dir/"loss.csv", newline="") as f:
         w = csv.writer(f); w.writerow(["step", "loss", "learning_rate"]); w.writerows(rows)
-    import matplotlib; matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = Figure(figsize=(5, 3.2)); ax = fig.subplots()
     ax.plot([r[0] for r in rows], [r[1] for r in rows], marker=".")
     ax.set_xlabel("step"); ax.set_ylabel("training loss"); ax.set_title("PathoSync training loss"); ax.grid(alpha=.3)
-    fig.tight_layout(); fig.savefig(out_dir/"loss.png", dpi=100); plt.close(fig)
+    fig.tight_layout()
+    with atomic_write(out_dir/"loss.png", "wb") as f: fig.savefig(f, format="png", dpi=100)
     return out_dir/"loss.csv"
 
 def _resume_arg(cfg, out_dir):
@@ -227,6 +245,7 @@ def _resume_arg(cfg, out_dir):
     if not p.is_dir(): raise PathinsightError(f"checkpoint not found: {p}")
     return str(p)
 
+# %% ../nbs/11_train.ipynb 23
 def training_args(cfg: TrainConfig, out_dir, quiet: bool = True):
     "The `transformers.TrainingArguments` for `cfg` (bf16 / DeepSpeed only on CUDA)."
     import torch
@@ -243,13 +262,52 @@ def training_args(cfg: TrainConfig, out_dir, quiet: bool = True):
         per_device_eval_batch_size=cfg.per_device_train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay, num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
-        max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, save_strategy=cfg.save_strategy, save_steps=cfg.save_steps,
+        max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, logging_first_step=True, save_strategy=cfg.save_strategy, save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, eval_strategy=cfg.eval_strategy, bf16=bf16, use_cpu=not cuda,
         seed=cfg.seed, dataloader_num_workers=cfg.dataloader_num_workers, report_to=cfg.report_to,
         remove_unused_columns=False, label_names=["labels"], deepspeed=ds, disable_tqdm=quiet,
         save_only_model=False,
         ddp_find_unused_parameters=True)  # LLaVA reads the vision tower's second-to-last layer: the last one gets no gradient
 
+def _tiny_base(cfg: TrainConfig, out_dir: Path, examples: list[dict]) -> str:
+    "Build (on rank 0; others wait for it) a tiny random model of `cfg`'s family for `examples`; its folder."
+    base = out_dir/"tiny-base"
+    if int(os.environ.get("RANK", "0")) == 0:
+        if not (base/"config.json").exists():
+            tiny_model(cfg.family or cfg.model, out_dir=base, texts=[t["content"] for ex in examples for t in ex["turns"]], seed=cfg.seed)
+    else:
+        while not (base/"config.json").exists(): time.sleep(1)
+    return str(base)
+
+# %% ../nbs/11_train.ipynb 24
+def _quiet_console(trainer, quiet: bool):
+    "No printed loss dicts: the loss goes into the progress bar (or nowhere visible when quiet); the curve is still written."
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    LossBar, LogLastStep = _callbacks()
+    trainer.remove_callback(PrinterCallback); trainer.remove_callback(ProgressCallback)
+    if not quiet: trainer.add_callback(LossBar)
+    trainer.add_callback(LogLastStep)
+
+def _save_run(trainer, processor, cfg: TrainConfig, fam, out: dict, rejections: list):
+    "On rank 0: the final model (safetensors), its processor, pathinsight_train.json, rejections and the loss curve."
+    if not trainer.is_world_process_zero(): return
+    final = Path(out["final_dir"])
+    trainer.save_model(str(final))
+    (final/"training_args.bin").unlink(missing_ok=True)  # a pickle; the run is described in pathinsight_train.json
+    processor.save_pretrained(str(final))
+    write_json(final/"pathinsight_train.json", {"config": asdict(cfg), "family": fam.name, "base_model": cfg.model,
+                                                **{k: v for k, v in out.items() if k not in ("output_dir", "final_dir")}})
+    if rejections: write_jsonl(Path(out["output_dir"])/"rejections.jsonl", [r.to_dict() for r in rejections])
+    if any("loss" in h for h in trainer.state.log_history): write_loss_curve(trainer.state.log_history, out["output_dir"])
+
+def _summary(trainer, res, cfg: TrainConfig, fam, out_dir: Path, ds, collator, counts) -> dict:
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]  # the first and the last step are always logged
+    return {"output_dir": str(out_dir), "final_dir": str(out_dir/"final"), "mode": cfg.mode, "family": fam.name,
+            "steps": trainer.state.global_step, "train_loss": res.training_loss, "first_loss": losses[0], "last_loss": losses[-1],
+            "samples_per_second": res.metrics.get("train_samples_per_second"), "padding_waste": collator.padding_waste,
+            "n_train": len(ds), "n_rejected": len(ds.rejections), "trainable": counts}
+
+# %% ../nbs/11_train.ipynb 25
 def train(cfg: TrainConfig | dict | str | None = None,  # config, dict or YAML/JSON path
           train_examples: list[dict] | None = None,  # examples {image, turns} (default: read `cfg.data`)
           eval_examples: list[dict] | None = None,  # evaluation examples (default: read `cfg.eval_data`)
@@ -260,24 +318,14 @@ def train(cfg: TrainConfig | dict | str | None = None,  # config, dict or YAML/J
     import torch
     cfg = cfg if isinstance(cfg, TrainConfig) else load_config(TrainConfig, cfg, **overrides)
     if isinstance(cfg, TrainConfig) and overrides: cfg = TrainConfig(**{**asdict(cfg), **overrides})
-    log = get_logger("pathinsight.train")
     seed_everything(cfg.seed); torch.manual_seed(cfg.seed)
-    out_dir = Path(cfg.output_dir)
+    out_dir, quiet = Path(cfg.output_dir), bool(os.environ.get("PATHINSIGHT_QUIET"))
     if train_examples is None:
         if not cfg.data: raise PathinsightError("no training data: pass train_examples or set `data` in the config")
         train_examples = read_examples(cfg.data, cfg.image_root or None, cfg.seed)
     if eval_examples is None and cfg.eval_data: eval_examples = read_examples(cfg.eval_data, cfg.image_root or None, cfg.seed)
-    quiet = bool(os.environ.get("PATHINSIGHT_QUIET"))
     if model is None:
-        if cfg.tiny:
-            from pathinsight.models import tiny_model
-            texts = [t["content"] for ex in train_examples for t in ex["turns"]]
-            base = out_dir/"tiny-base"
-            rank0 = int(os.environ.get("RANK", "0")) == 0
-            if rank0 and not (base/"config.json").exists(): tiny_model(cfg.family or cfg.model, out_dir=base, texts=texts, seed=cfg.seed)
-            if not rank0:
-                while not (base/"config.json").exists(): time.sleep(1)
-            cfg.model = str(base)
+        if cfg.tiny: cfg.model = _tiny_base(cfg, out_dir, train_examples)
         model, processor, fam = load_model(cfg.model, cfg.family or None, load_in_4bit=cfg.mode == "qlora", compute_dtype=cfg.compute_dtype or "auto")
     fam = get_family(cfg.family or model)
     if cfg.mode == "qlora" and not any(type(m).__name__ == "Linear4bit" for m in model.modules()):
@@ -287,36 +335,19 @@ def train(cfg: TrainConfig | dict | str | None = None,  # config, dict or YAML/J
     eval_ds = VLMDataset(eval_examples, processor, fam, cfg.max_length, show_progress=not quiet) if eval_examples else None
     model = prepare_model(model, cfg, fam)
     counts = trainable_counts(model, fam)
-    log.info(f"mode {cfg.mode}: trainable {counts['trainable']:,} / {counts['total']:,} "
-             + " ".join(f"{k} {counts[k]:,}" for k in ("vision", "projector", "lm", "lm_head")))
-    args = training_args(cfg, out_dir, quiet)
+    get_logger("pathinsight.train").info(f"mode {cfg.mode}: trainable {counts['trainable']:,} / {counts['total']:,} "
+                                         + " ".join(f"{k} {counts[k]:,}" for k in ("vision", "projector", "lm", "lm_head")))
     collator = VLMCollator(processor, fam, cfg.max_length)
-    trainer = _trainer_cls()(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, data_collator=collator,
-                             processing_class=processor, callbacks=callbacks, lengths=ds.lengths, group_by_length=cfg.group_by_length)
-    if quiet:  # no per-log loss dicts on stdout (the loss curve is still written)
-        from transformers.trainer_callback import PrinterCallback
-        trainer.remove_callback(PrinterCallback)
+    trainer = _trainer_cls()(model=model, args=training_args(cfg, out_dir, quiet), train_dataset=ds, eval_dataset=eval_ds,
+                             data_collator=collator, processing_class=processor, callbacks=callbacks, lengths=ds.lengths,
+                             group_by_length=cfg.group_by_length)
+    _quiet_console(trainer, quiet)
     res = trainer.train(resume_from_checkpoint=_resume_arg(cfg, out_dir))
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    out = {"output_dir": str(out_dir), "final_dir": str(out_dir/"final"), "mode": cfg.mode, "family": fam.name,
-           "steps": trainer.state.global_step, "train_loss": res.training_loss,
-           "first_loss": losses[0] if losses else float("nan"), "last_loss": losses[-1] if losses else float("nan"),
-           "samples_per_second": res.metrics.get("train_samples_per_second"), "padding_waste": collator.padding_waste,
-           "n_train": len(ds), "n_rejected": len(ds.rejections), "trainable": counts}
-    if trainer.is_world_process_zero():
-        trainer.save_model(str(out_dir/"final"))
-        (out_dir/"final"/"training_args.bin").unlink(missing_ok=True)  # a pickle; the run is described in pathinsight_train.json
-        processor.save_pretrained(str(out_dir/"final"))
-        write_json(out_dir/"final"/"pathinsight_train.json", {"config": asdict(cfg), "family": fam.name, "base_model": cfg.model,
-                   **{k: v for k, v in out.items() if k not in ("output_dir", "final_dir")}})
-        if ds.rejections:
-            from pathinsight.core import write_jsonl
-            write_jsonl(out_dir/"rejections.jsonl", [r.to_dict() for r in ds.rejections])
-        if losses: write_loss_curve(trainer.state.log_history, out_dir)
-    out.update(model=trainer.model, processor=processor, log_history=trainer.state.log_history)
-    return out
+    out = _summary(trainer, res, cfg, fam, out_dir, ds, collator, counts)
+    _save_run(trainer, processor, cfg, fam, out, ds.rejections)
+    return {**out, "model": trainer.model, "processor": processor, "log_history": trainer.state.log_history}
 
-# %% ../nbs/11_train.ipynb 23
+# %% ../nbs/11_train.ipynb 29
 def _stop_at(step: int):
     from transformers import TrainerCallback
     class StopAt(TrainerCallback):
@@ -326,7 +357,7 @@ def _stop_at(step: int):
             return control
     return StopAt()
 
-# %% ../nbs/11_train.ipynb 28
+# %% ../nbs/11_train.ipynb 36
 def merge_cmd(adapter: str,  # LoRA output directory written by `pathinsight train` (e.g. RUN/final)
               out: str,  # directory for the merged model (safetensors + processor)
               trust_remote_code: bool = False):  # allow remote-code families
@@ -339,7 +370,7 @@ def merge_cmd(adapter: str,  # LoRA output directory written by `pathinsight tra
     print(f"merged {adapter} into {out}")
     return Path(out)
 
-# %% ../nbs/11_train.ipynb 34
+# %% ../nbs/11_train.ipynb 42
 _FULL_SIZE = dict(gradient_checkpointing=True, save_strategy="epoch", logging_steps=10, group_by_length=True)
 RECIPES = {  # name: TrainConfig keys on top of the paper's defaults
     "llava-1.5-7b-lora": dict(model="llava-hf/llava-1.5-7b-hf", family="llava", mode="lora", lora_r=128, lora_alpha=256, **_FULL_SIZE),
@@ -370,7 +401,7 @@ def recipe_cmd(name: str,  # recipe: llava-1.5-7b-lora | qwen2-vl-7b-full | inte
           f"{cfg.num_train_epochs:g} epochs, max length {cfg.max_length}")
     return Path(out)
 
-# %% ../nbs/11_train.ipynb 40
+# %% ../nbs/11_train.ipynb 48
 def train_cmd(config: str = "",  # YAML/JSON file of TrainConfig keys ('' = defaults)
               data: str = "",  # training data jsonl ({image, turns} rows or records)
               model: str = "",  # base model: family name, hub id or directory
@@ -417,7 +448,7 @@ def main(argv: list[str] | None = None):
     res = train(cfg)
     return {k: v for k, v in res.items() if k not in ("model", "processor", "log_history")}
 
-# %% ../nbs/11_train.ipynb 41
+# %% ../nbs/11_train.ipynb 49
 if __name__ == "__main__" and "__file__" in globals() and globals()["__file__"].endswith("train.py"):
     try: main()
     except PathinsightError as e: raise SystemExit(f"error: {e}")
