@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_clip.ipynb 3
 from __future__ import annotations
-import contextlib, json, os, re, shutil, time
+import contextlib, json, os, re, shutil, time, zipfile
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -250,7 +250,8 @@ class EmbeddingCache:
         for p in sorted(self.dir.glob("*.npz")):
             try:
                 with np.load(p, allow_pickle=False) as z: out.update(zip(z["keys"].tolist(), z["emb"]))
-            except Exception as e: get_logger().warning(f"skipping unreadable cache shard {p}: {e}")
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # a torn or foreign file, not a bug
+                get_logger().warning(f"skipping unreadable cache shard {p}: {type(e).__name__}: {e}")
         return out
 
     def add(self, keys: Sequence[str], emb: np.ndarray):

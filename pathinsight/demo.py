@@ -90,14 +90,14 @@ def evaluate_model(model_dir, name: str, test_recs, test_examples, dataset_dir, 
     from pathinsight.models import load_trained
     from pathinsight.infer import predict
     from pathinsight.evaluate import score_run
+    from pathinsight.metrics import exact_match_accuracy
     model, proc, _ = load_trained(model_dir)
     run = Path(out_dir)/name
     preds = predict(model, proc, test_examples, run/"predictions.jsonl", batch_size=16, max_new_tokens=12,
                     options=options, resume=False, show_progress=False)
     res = score_run(preds, dataset_dir, run, name=name, records=test_recs, model=str(model_dir))
-    rows = read_jsonl(preds)
-    ref = {e["id"]: e["turns"][-1]["content"] for e in test_examples}
-    res["choice_accuracy"] = sum(r["choice"] == ref[r["id"]] for r in rows)/len(rows)
+    rows = read_jsonl(preds)  # each row: the ranked choice and the reference answer
+    res["choice_accuracy"] = exact_match_accuracy([r["choice"] for r in rows], [r["answer"] for r in rows])
     return res
 
 # %% ../nbs/18_demo.ipynb 14
