@@ -116,8 +116,30 @@ def prepare_model(model, cfg: TrainConfig, family=None):
     return model
 
 # %% ../nbs/11_train.ipynb 13
-def read_examples(path, image_root=None, seed: int = 0) -> list[dict]:
-    "Training examples `{id, image, turns}` from a jsonl / JSON file of {image, turns} rows or records."
+def _data_rows(path: Path) -> list:
+    if path.suffix == ".json":
+        try: rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e: raise PathinsightError(f"{path}: malformed JSON ({e.msg})") from None
+        if not isinstance(rows, list): raise PathinsightError(f"{path}: expected a JSON list of rows")
+        return rows
+    return read_jsonl(path)
+
+def _row_turns(r: dict, seed: int):
+    if r.get("turns") and r.get("task", "conversation") == "conversation" and "source" not in r: return r["turns"]
+    if r.get("task"):
+        from pathinsight.chatml import to_turns
+        return to_turns(r, seed=seed)
+    return None
+
+_EXPECTED = ("{image, turns} rows, pathinsight records (with a 'task'), or an export of pathinsight export "
+             "(llava, qwen-vl, ixc2, sharegpt: 'conversations'; messages: 'messages')")
+
+def read_examples(path,  # built dataset folder, or a jsonl / JSON file of {image, turns} rows, records or an export
+                  image_root=None,  # folder relative image paths are relative to (default: the data file's folder)
+                  seed: int = 0,  # seed for the query choice of records
+                 ) -> list[dict]:
+    "Training examples `{id, image, turns, source}` from a built dataset, {image, turns} rows, records or an export."
+    from pathinsight.chatml import detect_format, read_export
     path = Path(path)
     if not path.exists(): raise PathinsightError(f"training data not found: {path}")
     if path.is_dir():  # a built dataset: its train split
@@ -125,26 +147,19 @@ def read_examples(path, image_root=None, seed: int = 0) -> list[dict]:
         recs, root = read_dataset(path, "train")
         return [{"id": r.id, "image": str(Path(root)/r.image) if r.image else "", "turns": to_turns(r, seed=seed),
                  "source": r.source} for r in recs]
-    if path.suffix == ".json":
-        try: rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e: raise PathinsightError(f"{path}: malformed JSON ({e.msg})") from None
-    else: rows = read_jsonl(path)
-    root = Path(image_root) if image_root else path.parent
+    rows, root = _data_rows(path), Path(image_root) if image_root else path.parent
+    if rows and isinstance(rows[0], dict) and detect_format(rows): rows = read_export(path)
     out = []
     for i, r in enumerate(rows):
-        if not isinstance(r, dict): raise PathinsightError(f"{path}: row {i + 1} is not an object")
-        rid = str(r.get("id", i))
-        if r.get("turns") and r.get("task", "conversation") == "conversation" and "source" not in r: turns = r["turns"]
-        elif r.get("task"):
-            from pathinsight.chatml import to_turns
-            turns = to_turns(r, seed=seed)
-        else: raise PathinsightError(f"{path}: row {i + 1} ({rid!r}) has neither turns nor a task")
+        if not isinstance(r, dict): raise PathinsightError(f"{path}: row {i + 1} is not an object; expected {_EXPECTED}")
+        rid, turns = str(r.get("id", i)), _row_turns(r, seed)
+        if turns is None: raise PathinsightError(f"{path}: row {i + 1} ({rid!r}) is none of {_EXPECTED}")
         img = r.get("image") or ""
         if img and not Path(img).is_absolute(): img = str(root/img)
         out.append({"id": rid, "image": img, "turns": turns, "source": r.get("source", "")})
     return out
 
-# %% ../nbs/11_train.ipynb 16
+# %% ../nbs/11_train.ipynb 18
 _ACC_BASE = {"compute_environment": "LOCAL_MACHINE", "machine_rank": 0, "num_machines": 1, "num_processes": 8,
              "mixed_precision": "bf16", "main_training_function": "main", "rdzv_backend": "static",
              "same_network": True, "use_cpu": False, "gpu_ids": "all", "main_process_ip": None, "main_process_port": None}
@@ -191,7 +206,7 @@ def accelerate_config_cmd(name: str,  # ddp | zero2 | zero3 | fsdp
     print(f"wrote {p}; run: accelerate launch --config_file {p} -m pathinsight.train --config train.yaml")
     return p
 
-# %% ../nbs/11_train.ipynb 19
+# %% ../nbs/11_train.ipynb 21
 def _trainer_cls():
     from transformers import Trainer
     class PathTrainer(Trainer):
@@ -316,7 +331,7 @@ def train(cfg: TrainConfig | dict | str | None = None,  # config, dict or YAML/J
     out.update(model=trainer.model, processor=processor, log_history=trainer.state.log_history)
     return out
 
-# %% ../nbs/11_train.ipynb 23
+# %% ../nbs/11_train.ipynb 25
 def _stop_at(step: int):
     from transformers import TrainerCallback
     class StopAt(TrainerCallback):
@@ -326,7 +341,7 @@ def _stop_at(step: int):
             return control
     return StopAt()
 
-# %% ../nbs/11_train.ipynb 28
+# %% ../nbs/11_train.ipynb 30
 def merge_cmd(adapter: str,  # LoRA output directory written by `pathinsight train` (e.g. RUN/final)
               out: str,  # directory for the merged model (safetensors + processor)
               trust_remote_code: bool = False):  # allow remote-code families
@@ -339,7 +354,7 @@ def merge_cmd(adapter: str,  # LoRA output directory written by `pathinsight tra
     print(f"merged {adapter} into {out}")
     return Path(out)
 
-# %% ../nbs/11_train.ipynb 34
+# %% ../nbs/11_train.ipynb 36
 _FULL_SIZE = dict(gradient_checkpointing=True, save_strategy="epoch", logging_steps=10, group_by_length=True)
 RECIPES = {  # name: TrainConfig keys on top of the paper's defaults
     "llava-1.5-7b-lora": dict(model="llava-hf/llava-1.5-7b-hf", family="llava", mode="lora", lora_r=128, lora_alpha=256, **_FULL_SIZE),
@@ -370,7 +385,7 @@ def recipe_cmd(name: str,  # recipe: llava-1.5-7b-lora | qwen2-vl-7b-full | inte
           f"{cfg.num_train_epochs:g} epochs, max length {cfg.max_length}")
     return Path(out)
 
-# %% ../nbs/11_train.ipynb 40
+# %% ../nbs/11_train.ipynb 42
 def train_cmd(config: str = "",  # YAML/JSON file of TrainConfig keys ('' = defaults)
               data: str = "",  # training data jsonl ({image, turns} rows or records)
               model: str = "",  # base model: family name, hub id or directory
@@ -417,7 +432,7 @@ def main(argv: list[str] | None = None):
     res = train(cfg)
     return {k: v for k, v in res.items() if k not in ("model", "processor", "log_history")}
 
-# %% ../nbs/11_train.ipynb 41
+# %% ../nbs/11_train.ipynb 43
 if __name__ == "__main__" and "__file__" in globals() and globals()["__file__"].endswith("train.py"):
     try: main()
     except PathinsightError as e: raise SystemExit(f"error: {e}")
