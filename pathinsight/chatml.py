@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_chatml.ipynb 3
 from __future__ import annotations
-import json, os, re, time, tempfile
+import json, math, os, re, sys, time, tempfile, unicodedata, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -12,12 +12,14 @@ from typing import Iterable
 from .core import (Record, Rejection, PathinsightError, CRC_CLASSES, rng_for, atomic_write, label_set_name,
                               option_answers, read_dataset, write_json, write_jsonl, read_jsonl, read_config_file, progress,
                               sample_data_dir)
+from .images import is_container_ref
 
 # %% auto 0
-__all__ = ['DEFAULT_POOLS', 'TURNS_OF_TASK', 'FORMATS', 'load_pools', 'strip_image_tokens', 'to_turns', 'to_conversation',
-           'render_chatml', 'parse_chatml', 'ExportFormat', 'get_format', 'render_row', 'parse_row',
-           'check_conversation', 'ExportResult', 'sharegpt_dataset_info', 'export_conversations', 'export_records',
-           'read_export', 'export_cmd']
+__all__ = ['DEFAULT_POOLS', 'TURNS_OF_TASK', 'FORMATS', 'PATH_MODES', 'INDEX_WRITERS', 'load_pools', 'strip_image_tokens',
+           'to_turns', 'to_conversation', 'render_chatml', 'parse_chatml', 'ExportFormat', 'get_format', 'path_mode',
+           'render_row', 'parse_row', 'check_conversation', 'path_bytes', 'check_path', 'export_path',
+           'sharegpt_dataset_info', 'write_dataset_info', 'data_txt_count', 'write_data_txt', 'ExportWarning',
+           'ExportResult', 'export_conversations', 'export_records', 'detect_format', 'read_export', 'export_cmd']
 
 # %% ../nbs/08_chatml.ipynb 6
 DEFAULT_POOLS = {
@@ -148,7 +150,7 @@ def parse_chatml(text: str) -> tuple[list[dict], str]:
 # %% ../nbs/08_chatml.ipynb 17
 @dataclass(frozen=True)
 class ExportFormat:
-    "How one training-data format spells a conversation."
+    "How one training-data format spells a conversation, and what its trainer needs to find the images."
     name: str  # format name on the command line
     roles: dict  # our role -> the format's role tag
     placeholder: str = ""  # text put before the first user turn's query ({path} = image path)
@@ -161,23 +163,46 @@ class ExportFormat:
     system_key: str = "system"  # row key of the system prompt; '' = a system turn
     parts: bool = False  # content is a list of {type: image|text} parts (HF messages)
     suffix: str = ".json"  # .json (one JSON list) or .jsonl (one row a line)
+    paths: str = "relative"  # default image paths: relative to the export file's folder, or absolute
+    path_limit: int = 0  # most bytes an image path may have in the text (0: no limit)
+    row_system: bool = True  # the trainer reads a row-level system prompt
+    index: str = ""  # file beside the export that the trainer finds it through ('' = none)
+    trainer: str = ""  # the trainer the format is written for (named in warnings and errors)
+    usage: str = ""  # how to train on it ({out}, {dir}, {name}, {index} are filled in)
 
 FORMATS = {f.name: f for f in [
-    ExportFormat("llava", {"user": "human", "assistant": "gpt"}, "<image>\n", re.escape("<image>"), "image"),
-    ExportFormat("qwen-vl", {"user": "user", "assistant": "assistant"}, "Picture 1: <img>{path}</img>\n", r"<img>.*?</img>"),
-    ExportFormat("ixc2", {"user": "user", "assistant": "assistant"}, "<ImageHere> ", re.escape("<ImageHere>"), "image", True),
-    ExportFormat("sharegpt", {"user": "human", "assistant": "gpt"}, "<image>", re.escape("<image>"), "images", True),
+    ExportFormat("llava", {"user": "human", "assistant": "gpt"}, "<image>\n", re.escape("<image>"), "image",
+                 row_system=False, trainer="LLaVA's train.py", usage="LLaVA train.py --data_path {out} --image_folder {dir}"),
+    ExportFormat("qwen-vl", {"user": "user", "assistant": "assistant"}, "Picture 1: <img>{path}</img>\n", r"<img>.*?</img>",
+                 paths="absolute", path_limit=256, row_system=False, trainer="Qwen-VL's finetune.py",
+                 usage="Qwen-VL finetune.py --data_path {out}"),
+    ExportFormat("ixc2", {"user": "user", "assistant": "assistant"}, "<ImageHere> ", re.escape("<ImageHere>"), "image", True,
+                 paths="absolute", row_system=False, index="data.txt", trainer="InternLM-XComposer2's finetune.py",
+                 usage="XComposer2 finetune.py --data_path {index} --given_num True"),
+    ExportFormat("sharegpt", {"user": "human", "assistant": "gpt"}, "<image>", re.escape("<image>"), "images", True,
+                 index="dataset_info.json", trainer="LLaMA-Factory", usage="llamafactory-cli train with dataset_dir: {dir}, dataset: {name}"),
     ExportFormat("messages", {"system": "system", "user": "user", "assistant": "assistant"}, image_key="images",
                  image_list=True, turns_key="messages", role_key="role", text_key="content", system_key="",
-                 parts=True, suffix=".jsonl"),
+                 parts=True, suffix=".jsonl", paths="absolute", trainer="TRL's SFTTrainer",
+                 usage="TRL: datasets.load_dataset('json', data_files='{out}', split='train')"),
 ]}
+PATH_MODES = ("auto", "relative", "absolute")
 
 def get_format(name: str) -> ExportFormat:
     "The `ExportFormat` called `name`."
     if name not in FORMATS: raise PathinsightError(f"unknown export format {name!r} (choose from {', '.join(FORMATS)})")
     return FORMATS[name]
 
-# %% ../nbs/08_chatml.ipynb 19
+def path_mode(fmt: ExportFormat,  # the export format
+              paths: str = "auto",  # auto (the format's rule) | relative | absolute
+              absolute: bool = False,  # short form of paths='absolute'
+             ) -> str:
+    "'relative' or 'absolute': how an export of `fmt` writes image paths."
+    if paths not in PATH_MODES: raise PathinsightError(f"unknown paths {paths!r} (choose from {', '.join(PATH_MODES)})")
+    if absolute and paths == "relative": raise PathinsightError("absolute=True contradicts paths='relative'")
+    return "absolute" if absolute else fmt.paths if paths == "auto" else paths
+
+# %% ../nbs/08_chatml.ipynb 20
 def render_row(fmt: ExportFormat, conv: dict, image_path: str | None = None) -> dict:
     "One conversation `{id, image, turns}` as a row of format `fmt` (`image_path` overrides the written path)."
     image = conv.get("image") or ""
@@ -233,7 +258,7 @@ def parse_row(fmt: ExportFormat, row: dict, where: str = "row") -> dict:
     if len(images) > 1: raise PathinsightError(f"{where}: {len(images)} images; pathinsight records hold one")
     return {"id": str(row.get("id", where)), "image": images[0] if images else "", "turns": turns}
 
-# %% ../nbs/08_chatml.ipynb 22
+# %% ../nbs/08_chatml.ipynb 23
 def _count_placeholders(fmt: ExportFormat, row: dict) -> int:
     if fmt.parts: return sum(p.get("type") == "image" for t in row[fmt.turns_key] for p in t[fmt.text_key])
     return sum(len(re.findall(fmt.token, t[fmt.text_key])) for t in row[fmt.turns_key])
@@ -259,16 +284,29 @@ def check_conversation(conv: dict, fmt: ExportFormat, row: dict | None = None, r
         if n != (1 if image else 0): return "placeholder_mismatch", f"{n} image placeholder(s) for {1 if image else 0} image(s)"
     return None
 
-# %% ../nbs/08_chatml.ipynb 25
-@dataclass
-class ExportResult:
-    "What an export wrote."
-    path: Path  # the file written
-    format: str  # format name
-    written: int  # rows written
-    rejections: list = field(default_factory=list)  # `Rejection`s of skipped records
-    seconds: float = 0.0  # wall time
+def path_bytes(path: str) -> int:
+    "Bytes of `path` as Qwen-VL's tokenizer counts them inside `<img>...</img>` (UTF-8 after NFC normalisation)."
+    return len(unicodedata.normalize("NFC", path).encode("utf-8"))
 
+def check_path(fmt: ExportFormat, path: str, out_dir=None) -> tuple[str, str] | None:
+    "`('path_too_long', detail)` when the written image `path` is over the format's limit, else None."
+    if not fmt.path_limit or not path or (n := path_bytes(path)) <= fmt.path_limit: return None
+    return "path_too_long", (f"image path is {n} bytes, over the {fmt.path_limit} that {fmt.trainer} allows inside <img>...</img> "
+                             f"({path[:60]}...); write relative paths (paths='relative', --paths relative) and run the trainer "
+                             f"from {out_dir or 'the export folder'}, or put the dataset in a shorter folder")
+
+# %% ../nbs/08_chatml.ipynb 26
+def export_path(image: str,  # a record's image path, relative to `root` (or absolute)
+                root,  # folder record image paths are relative to (None: write them as they are)
+                out_dir,  # the export file's folder
+                mode: str = "relative",  # 'relative' (to `out_dir`) or 'absolute'
+               ) -> str:
+    "The image path an export in `out_dir` writes for a record's `image`."
+    if not image or root is None or is_container_ref(image) or "://" in image: return image
+    full = os.path.abspath(os.path.join(root, image))
+    return full if mode == "absolute" else os.path.relpath(full, os.path.abspath(out_dir))
+
+# %% ../nbs/08_chatml.ipynb 29
 def sharegpt_dataset_info(file_name: str, system: bool = False, images: bool = True) -> dict:
     "The LLaMA-Factory `dataset_info.json` entry for a ShareGPT export file."
     cols = {"messages": "conversations"}
@@ -277,50 +315,102 @@ def sharegpt_dataset_info(file_name: str, system: bool = False, images: bool = T
     return {"file_name": file_name, "formatting": "sharegpt", "columns": cols,
             "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt"}}
 
+def write_dataset_info(out: Path, n: int, system: bool = False, images: bool = True) -> Path:
+    "Merge the entry of ShareGPT export `out` into `dataset_info.json` beside it."
+    p = out.parent/"dataset_info.json"
+    info = json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
+    info[out.stem] = sharegpt_dataset_info(out.name, system, images)
+    write_json(p, info)
+    return p
+
+def data_txt_count(n: int) -> str:
+    "`n` samples in thousands, spelled so that XComposer2's `int(float(k) * 1000)` gives back `n`."
+    k = repr(n / 1000)
+    return k if int(float(k) * 1000) == n else repr(math.nextafter(n / 1000, math.inf))
+
+def _data_txt_line_ok(out: Path):
+    if re.search(r"\s", os.path.abspath(out)):
+        raise PathinsightError(f"{os.path.abspath(out)}: XComposer2's finetune.py splits data.txt lines on spaces, "
+                               "so the export path must have no white space: choose another --out")
+
+def write_data_txt(out: Path, n: int, system: bool = False, images: bool = True) -> Path:
+    "Merge the line `<absolute path of export out> <n in thousands>` into `data.txt` beside it."
+    _data_txt_line_ok(out)
+    p, me = out.parent/"data.txt", os.path.abspath(out)
+    old = p.read_text(encoding="utf-8").splitlines() if p.exists() else []
+    lines = sorted({l.strip() for l in old if l.strip() and l.split(" ")[0] != me} | ({f"{me} {data_txt_count(n)}"} if n else set()))
+    with atomic_write(p, encoding="utf-8") as f: f.write("".join(l + "\n" for l in lines))
+    return p
+
+INDEX_WRITERS = {"dataset_info.json": write_dataset_info, "data.txt": write_data_txt}
+
+# %% ../nbs/08_chatml.ipynb 32
+class ExportWarning(UserWarning):
+    "An export that is valid but that its trainer will not read as intended."
+
+@dataclass
+class ExportResult:
+    "What an export wrote."
+    path: Path  # the file written
+    format: str  # format name
+    written: int  # rows written
+    rejections: list = field(default_factory=list)  # `Rejection`s of skipped records
+    seconds: float = 0.0  # wall time
+    paths: str = ""  # how image paths were written: relative (to the file's folder) | absolute
+    index: Path | None = None  # the dataset_info.json / data.txt written beside it
+
 def _write_rows(path: Path, rows: list[str], suffix: str):
     with atomic_write(path, encoding="utf-8") as f:
         if suffix == ".jsonl": f.write("".join(r + "\n" for r in rows))
         else: f.write("[\n" + ",\n".join(rows) + "\n]\n" if rows else "[]\n")
 
+def _warn_system(fmt: ExportFormat):
+    warnings.warn(f"format {fmt.name!r}: {fmt.trainer} ignores a row-level system prompt (it builds the prompt from its own "
+                  "template); the 'system' field is written, but that trainer will not train with it (sharegpt and messages do)",
+                  ExportWarning, stacklevel=3)
+
 def export_conversations(convs: Iterable[dict],  # `{id, image, turns}` (+ optional `source`)
                          format: str,  # llava | qwen-vl | ixc2 | sharegpt | messages
                          out,  # output file
-                         root=None,  # folder image paths are relative to (None: don't check that images exist)
+                         root=None,  # folder image paths are relative to (None: don't check images, write paths as given)
                          skip_invalid: bool = False,  # record invalid conversations as rejections instead of raising
-                         absolute: bool = False,  # write absolute image paths (root/image)
+                         absolute: bool = False,  # short form of paths='absolute'
                          rejections: list | None = None,  # rejections so far (appended to)
+                         paths: str = "auto",  # image paths: auto (the format's rule) | relative (to out's folder) | absolute
+                         index: bool = True,  # merge the format's index file (dataset_info.json, data.txt) beside `out`
                         ) -> ExportResult:
     "Validate `convs`, write them as `format` to `out` atomically, and say what was written."
     t0, fmt, out = time.perf_counter(), get_format(format), Path(out)
-    rej = list(rejections or [])
-    lines, seen, has_sys, has_img = [], {}, False, False
+    mode, rej = path_mode(fmt, paths, absolute), list(rejections or [])
+    if index and fmt.index == "data.txt": _data_txt_line_ok(out)
+    lines, seen, written, has_sys, has_img = [], {}, {}, False, False
     dumps = json.JSONEncoder(ensure_ascii=False).encode
     for c in convs:
-        path = os.path.abspath(os.path.join(root, c["image"])) if (absolute and root is not None and c.get("image")) else None
-        row = render_row(fmt, c, path)
-        prob = check_conversation(c, fmt, row, root, seen)
+        img = c.get("image") or ""
+        if img not in written: written[img] = export_path(img, root, out.parent, mode)
+        row = render_row(fmt, c, written[img])
+        prob = check_conversation(c, fmt, row, root, seen) or check_path(fmt, written[img], out.parent)
         if prob:
             if not skip_invalid: raise PathinsightError(f"record {c['id']!r}: {prob[0]}: {prob[1]}")
             rej.append(Rejection(c["id"], c.get("source", ""), "export", prob[0], prob[1])); continue
-        has_sys = has_sys or "system" in row; has_img = has_img or bool(c.get("image"))
+        has_sys = has_sys or any(t["role"] == "system" for t in c["turns"]); has_img = has_img or bool(img)
         lines.append(dumps(row))
     _write_rows(out, lines, fmt.suffix)
-    if fmt.name == "sharegpt":
-        info_p = out.parent/"dataset_info.json"
-        info = json.loads(info_p.read_text(encoding="utf-8")) if info_p.exists() else {}
-        info[out.stem] = sharegpt_dataset_info(out.name, has_sys, has_img)
-        write_json(info_p, info)
-    return ExportResult(out, fmt.name, len(lines), rej, time.perf_counter() - t0)
+    idx = INDEX_WRITERS[fmt.index](out, len(lines), has_sys, has_img) if index and fmt.index else None
+    if has_sys and not fmt.row_system: _warn_system(fmt)
+    return ExportResult(out, fmt.name, len(lines), rej, time.perf_counter() - t0, mode, idx)
 
 def export_records(records: Iterable,  # `Record`s or their dicts
                    format: str,  # llava | qwen-vl | ixc2 | sharegpt | messages
                    out,  # output file
-                   root=None,  # folder image paths are relative to (None: don't check that images exist)
+                   root=None,  # folder image paths are relative to (None: don't check images, write paths as given)
                    pools=None,  # query pools (dict, YAML/JSON path, or None for the defaults)
                    seed: int = 0,  # seed for the query choice
                    system: str | None = None,  # optional system prompt
                    skip_invalid: bool = False,  # record invalid records as rejections instead of raising
-                   absolute: bool = False,  # write absolute image paths
+                   absolute: bool = False,  # short form of paths='absolute'
+                   paths: str = "auto",  # image paths: auto (the format's rule) | relative | absolute
+                   index: bool = True,  # merge the format's index file beside `out`
                   ) -> ExportResult:
     "Turn records into conversations and export them (see `export_conversations`)."
     P, rej = load_pools(pools), []
@@ -331,42 +421,83 @@ def export_records(records: Iterable,  # `Record`s or their dicts
                 rid, src = (r.id, r.source) if isinstance(r, Record) else (str(r.get("id", "?")), str(r.get("source", "")))
                 if not skip_invalid: raise PathinsightError(f"record {rid!r}: {e}" if isinstance(e, TypeError) else str(e)) from None
                 rej.append(Rejection(rid, src, "export", "bad_record", str(e)))
-    res = export_conversations(convs(), format, out, root, skip_invalid, absolute)
+    res = export_conversations(convs(), format, out, root, skip_invalid, absolute, paths=paths, index=index)
     res.rejections = rej + res.rejections
     return res
 
-def read_export(path, format: str) -> list[dict]:
-    "The conversations `{id, image, turns}` of an export file of `format`."
-    fmt, path = get_format(format), Path(path)
-    if not path.exists(): raise PathinsightError(f"export file not found: {path}")
-    if path.suffix == ".jsonl": rows = read_jsonl(path)
-    else:
-        try: rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e: raise PathinsightError(f"{path}: malformed JSON ({e.msg})") from None
-    if not isinstance(rows, list): raise PathinsightError(f"{path}: expected a JSON list of rows")
-    return [parse_row(fmt, r, f"{path}:row {i}") for i, r in enumerate(rows)]
+def detect_format(rows: list) -> str | None:
+    "The export format of `rows` (told from their keys and tags), or None when they are not an export."
+    first = rows[0] if rows and isinstance(rows[0], dict) else {}
+    if isinstance(first.get("messages"), list): return "messages"
+    if not isinstance(first.get("conversations", first.get("conversatons")), list): return None
+    for r in rows:
+        if not isinstance(r, dict): break
+        if "images" in r: return "sharegpt"
+        if "image" in r: return "ixc2" if isinstance(r["image"], list) else "llava"
+        if any("<img>" in str(t.get("value", "")) for t in r.get("conversations") or []): return "qwen-vl"
+    tags = {t.get("from") for t in first.get("conversations", first.get("conversatons")) if isinstance(t, dict)}
+    return "llava" if tags & {"human", "gpt"} else "qwen-vl"  # text-only rows: both read the same way
 
-# %% ../nbs/08_chatml.ipynb 38
+def _read_rows(path: Path) -> list:
+    if path.suffix == ".jsonl": return read_jsonl(path)
+    try: rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e: raise PathinsightError(f"{path}: malformed JSON ({e.msg})") from None
+    if not isinstance(rows, list): raise PathinsightError(f"{path}: expected a JSON list of rows")
+    return rows
+
+def read_export(path,  # an export file
+                format: str | None = None,  # its format (None: tell it from the rows)
+                resolve: bool = False,  # join relative image paths to the export file's folder
+               ) -> list[dict]:
+    "The conversations `{id, image, turns}` of an export file."
+    path = Path(path)
+    if not path.exists(): raise PathinsightError(f"export file not found: {path}")
+    rows = _read_rows(path)
+    if format is None and rows and not (format := detect_format(rows)):
+        raise PathinsightError(f"{path}: not an export (rows need 'conversations' or 'messages'; formats: {', '.join(FORMATS)})")
+    fmt = get_format(format or "llava")
+    convs = [parse_row(fmt, r, f"{path}:row {i}") for i, r in enumerate(rows)]
+    if resolve:
+        base = os.path.abspath(path.parent)
+        for c in convs:
+            if c["image"] and not is_container_ref(c["image"]) and "://" not in c["image"]:
+                c["image"] = os.path.normpath(os.path.join(base, c["image"]))
+    return convs
+
+# %% ../nbs/08_chatml.ipynb 49
 def export_cmd(dataset_dir: str,  # built dataset folder (DatasetDict saved with save_to_disk) or a records .jsonl
                format: str = "llava",  # llava | qwen-vl | ixc2 | sharegpt | messages
                out: str = None,  # output file (default DATASET_DIR/exports/<format>-<split>.json[l])
                split: str = "train",  # split to export, or 'all'
                seed: int = 0,  # seed for the query choice
                pools: str = None,  # YAML/JSON file of query pools replacing the defaults
-               system: str = None,  # system prompt to put first in every conversation
+               system: str = None,  # system prompt to put first in every conversation (llava, qwen-vl, ixc2 trainers ignore it)
                skip_invalid: bool = False,  # skip invalid records (written to <out>.rejections.jsonl) instead of failing
-               absolute: bool = False,  # write absolute image paths
+               paths: str = "auto",  # image paths: auto (the format's rule) | relative (to the export's folder) | absolute
+               absolute: bool = False,  # write absolute image paths (same as --paths absolute)
               ) -> dict:
     "Export a built dataset as training conversations for one model family's format."
     fmt = get_format(format)
     recs, root = read_dataset(dataset_dir, split)
     if out is None: out = root/"exports"/f"{format}-{split}{fmt.suffix}"
-    res = export_records(recs, format, out, root=root, pools=pools, seed=seed, system=system, skip_invalid=skip_invalid, absolute=absolute)
+    index = fmt.index != "data.txt" or split in ("train", "all")  # XComposer2 trains on every data.txt line: no held-out split there
+    with warnings.catch_warnings(record=True) as caught:  # said as a plain 'warning:' line on the command line
+        warnings.simplefilter("always", ExportWarning)
+        res = export_records(recs, format, out, root=root, pools=pools, seed=seed, system=system, skip_invalid=skip_invalid,
+                             absolute=absolute, paths=paths, index=index)
+    for w in caught:
+        if issubclass(w.category, ExportWarning): print(f"warning: {w.message}", file=sys.stderr)
+        else: warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     rej_path = None
     if res.rejections:
         rej_path = Path(str(res.path) + ".rejections.jsonl")
         write_jsonl(rej_path, [r.to_dict() for r in res.rejections])
     summary = {"format": format, "out": str(res.path), "written": res.written, "rejected": len(res.rejections),
-               "rejections": str(rej_path) if rej_path else None, "seconds": round(res.seconds, 3)}
-    print(f"exported {res.written} conversations ({format}) to {res.path}" + (f"; {len(res.rejections)} rejected -> {rej_path}" if rej_path else ""))
+               "rejections": str(rej_path) if rej_path else None, "paths": res.paths,
+               "index": str(res.index) if res.index else None, "seconds": round(res.seconds, 3)}
+    where = "relative to the export's folder" if res.paths == "relative" else "absolute"
+    print(f"exported {res.written} conversations ({format}, image paths {where}) to {res.path}"
+          + (f"; {len(res.rejections)} rejected -> {rej_path}" if rej_path else ""))
+    if res.index or "{index}" not in fmt.usage:
+        print("train: " + fmt.usage.format(out=res.path, dir=res.path.parent, name=res.path.stem, index=res.index))
     return summary

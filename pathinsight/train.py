@@ -118,8 +118,30 @@ def prepare_model(model, cfg: TrainConfig, family=None):
     return model
 
 # %% ../nbs/11_train.ipynb 15
-def read_examples(path, image_root=None, seed: int = 0) -> list[dict]:
-    "Training examples `{id, image, turns}` from a jsonl / JSON file of {image, turns} rows or records."
+def _data_rows(path: Path) -> list:
+    if path.suffix == ".json":
+        try: rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e: raise PathinsightError(f"{path}: malformed JSON ({e.msg})") from None
+        if not isinstance(rows, list): raise PathinsightError(f"{path}: expected a JSON list of rows")
+        return rows
+    return read_jsonl(path)
+
+def _row_turns(r: dict, seed: int):
+    if r.get("turns") and r.get("task", "conversation") == "conversation" and "source" not in r: return r["turns"]
+    if r.get("task"):
+        from pathinsight.chatml import to_turns
+        return to_turns(r, seed=seed)
+    return None
+
+_EXPECTED = ("{image, turns} rows, pathinsight records (with a 'task'), or an export of pathinsight export "
+             "(llava, qwen-vl, ixc2, sharegpt: 'conversations'; messages: 'messages')")
+
+def read_examples(path,  # built dataset folder, or a jsonl / JSON file of {image, turns} rows, records or an export
+                  image_root=None,  # folder relative image paths are relative to (default: the data file's folder)
+                  seed: int = 0,  # seed for the query choice of records
+                 ) -> list[dict]:
+    "Training examples `{id, image, turns, source}` from a built dataset, {image, turns} rows, records or an export."
+    from pathinsight.chatml import detect_format, read_export
     path = Path(path)
     if not path.exists(): raise PathinsightError(f"training data not found: {path}")
     if path.is_dir():  # a built dataset: its train split
@@ -127,26 +149,19 @@ def read_examples(path, image_root=None, seed: int = 0) -> list[dict]:
         recs, root = read_dataset(path, "train")
         return [{"id": r.id, "image": str(Path(root)/r.image) if r.image else "", "turns": to_turns(r, seed=seed),
                  "source": r.source} for r in recs]
-    if path.suffix == ".json":
-        try: rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e: raise PathinsightError(f"{path}: malformed JSON ({e.msg})") from None
-    else: rows = read_jsonl(path)
-    root = Path(image_root) if image_root else path.parent
+    rows, root = _data_rows(path), Path(image_root) if image_root else path.parent
+    if rows and isinstance(rows[0], dict) and detect_format(rows): rows = read_export(path)
     out = []
     for i, r in enumerate(rows):
-        if not isinstance(r, dict): raise PathinsightError(f"{path}: row {i + 1} is not an object")
-        rid = str(r.get("id", i))
-        if r.get("turns") and r.get("task", "conversation") == "conversation" and "source" not in r: turns = r["turns"]
-        elif r.get("task"):
-            from pathinsight.chatml import to_turns
-            turns = to_turns(r, seed=seed)
-        else: raise PathinsightError(f"{path}: row {i + 1} ({rid!r}) has neither turns nor a task")
+        if not isinstance(r, dict): raise PathinsightError(f"{path}: row {i + 1} is not an object; expected {_EXPECTED}")
+        rid, turns = str(r.get("id", i)), _row_turns(r, seed)
+        if turns is None: raise PathinsightError(f"{path}: row {i + 1} ({rid!r}) is none of {_EXPECTED}")
         img = r.get("image") or ""
         if img and not Path(img).is_absolute(): img = str(root/img)
         out.append({"id": rid, "image": img, "turns": turns, "source": r.get("source", "")})
     return out
 
-# %% ../nbs/11_train.ipynb 18
+# %% ../nbs/11_train.ipynb 20
 _ACC_BASE = {"compute_environment": "LOCAL_MACHINE", "machine_rank": 0, "num_machines": 1, "num_processes": 8,
              "mixed_precision": "bf16", "main_training_function": "main", "rdzv_backend": "static",
              "same_network": True, "use_cpu": False, "gpu_ids": "all", "main_process_ip": None, "main_process_port": None}
@@ -193,7 +208,7 @@ def accelerate_config_cmd(name: str,  # ddp | zero2 | zero3 | fsdp
     print(f"wrote {p}; run: accelerate launch --config_file {p} -m pathinsight.train --config train.yaml")
     return p
 
-# %% ../nbs/11_train.ipynb 21
+# %% ../nbs/11_train.ipynb 23
 def _callbacks():
     "The loss-in-the-bar progress callback and the last-step logger (transformers imported when training)."
     from transformers.trainer_callback import ProgressCallback, TrainerCallback
@@ -221,7 +236,7 @@ def _trainer_cls():
             return super()._get_train_sampler(train_dataset) if train_dataset is not None else super()._get_train_sampler()
     return PathTrainer
 
-# %% ../nbs/11_train.ipynb 22
+# %% ../nbs/11_train.ipynb 24
 def write_loss_curve(log_history: list[dict], out_dir) -> Path:
     "Write the logged training loss as `loss.csv` and `loss.png` in `out_dir`."
     from matplotlib.figure import Figure  # no pyplot: no global figure state, safe in threads
@@ -245,7 +260,7 @@ def _resume_arg(cfg, out_dir):
     if not p.is_dir(): raise PathinsightError(f"checkpoint not found: {p}")
     return str(p)
 
-# %% ../nbs/11_train.ipynb 23
+# %% ../nbs/11_train.ipynb 25
 def training_args(cfg: TrainConfig, out_dir, quiet: bool = True):
     "The `transformers.TrainingArguments` for `cfg` (bf16 / DeepSpeed only on CUDA)."
     import torch
@@ -279,7 +294,7 @@ def _tiny_base(cfg: TrainConfig, out_dir: Path, examples: list[dict]) -> str:
         while not (base/"config.json").exists(): time.sleep(1)
     return str(base)
 
-# %% ../nbs/11_train.ipynb 24
+# %% ../nbs/11_train.ipynb 26
 def _quiet_console(trainer, quiet: bool):
     "No printed loss dicts: the loss goes into the progress bar (or nowhere visible when quiet); the curve is still written."
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -307,7 +322,7 @@ def _summary(trainer, res, cfg: TrainConfig, fam, out_dir: Path, ds, collator, c
             "samples_per_second": res.metrics.get("train_samples_per_second"), "padding_waste": collator.padding_waste,
             "n_train": len(ds), "n_rejected": len(ds.rejections), "trainable": counts}
 
-# %% ../nbs/11_train.ipynb 25
+# %% ../nbs/11_train.ipynb 27
 def train(cfg: TrainConfig | dict | str | None = None,  # config, dict or YAML/JSON path
           train_examples: list[dict] | None = None,  # examples {image, turns} (default: read `cfg.data`)
           eval_examples: list[dict] | None = None,  # evaluation examples (default: read `cfg.eval_data`)
@@ -347,7 +362,7 @@ def train(cfg: TrainConfig | dict | str | None = None,  # config, dict or YAML/J
     _save_run(trainer, processor, cfg, fam, out, ds.rejections)
     return {**out, "model": trainer.model, "processor": processor, "log_history": trainer.state.log_history}
 
-# %% ../nbs/11_train.ipynb 29
+# %% ../nbs/11_train.ipynb 31
 def _stop_at(step: int):
     from transformers import TrainerCallback
     class StopAt(TrainerCallback):
@@ -357,7 +372,7 @@ def _stop_at(step: int):
             return control
     return StopAt()
 
-# %% ../nbs/11_train.ipynb 36
+# %% ../nbs/11_train.ipynb 38
 def merge_cmd(adapter: str,  # LoRA output directory written by `pathinsight train` (e.g. RUN/final)
               out: str,  # directory for the merged model (safetensors + processor)
               trust_remote_code: bool = False):  # allow remote-code families
@@ -370,7 +385,7 @@ def merge_cmd(adapter: str,  # LoRA output directory written by `pathinsight tra
     print(f"merged {adapter} into {out}")
     return Path(out)
 
-# %% ../nbs/11_train.ipynb 42
+# %% ../nbs/11_train.ipynb 44
 _FULL_SIZE = dict(gradient_checkpointing=True, save_strategy="epoch", logging_steps=10, group_by_length=True)
 RECIPES = {  # name: TrainConfig keys on top of the paper's defaults
     "llava-1.5-7b-lora": dict(model="llava-hf/llava-1.5-7b-hf", family="llava", mode="lora", lora_r=128, lora_alpha=256, **_FULL_SIZE),
@@ -401,7 +416,7 @@ def recipe_cmd(name: str,  # recipe: llava-1.5-7b-lora | qwen2-vl-7b-full | inte
           f"{cfg.num_train_epochs:g} epochs, max length {cfg.max_length}")
     return Path(out)
 
-# %% ../nbs/11_train.ipynb 48
+# %% ../nbs/11_train.ipynb 50
 def train_cmd(config: str = "",  # YAML/JSON file of TrainConfig keys ('' = defaults)
               data: str = "",  # training data jsonl ({image, turns} rows or records)
               model: str = "",  # base model: family name, hub id or directory
@@ -448,7 +463,7 @@ def main(argv: list[str] | None = None):
     res = train(cfg)
     return {k: v for k, v in res.items() if k not in ("model", "processor", "log_history")}
 
-# %% ../nbs/11_train.ipynb 49
+# %% ../nbs/11_train.ipynb 51
 if __name__ == "__main__" and "__file__" in globals() and globals()["__file__"].endswith("train.py"):
     try: main()
     except PathinsightError as e: raise SystemExit(f"error: {e}")
