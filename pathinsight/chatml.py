@@ -12,7 +12,7 @@ from typing import Iterable
 from .core import (Record, Rejection, PathinsightError, CRC_CLASSES, rng_for, atomic_write, label_set_name,
                               option_answers, read_dataset, write_json, write_jsonl, read_jsonl, read_config_file, progress,
                               sample_data_dir)
-from .images import is_container_ref
+from .images import is_container_ref, resolve_ref
 
 # %% auto 0
 __all__ = ['DEFAULT_POOLS', 'TURNS_OF_TASK', 'FORMATS', 'PATH_MODES', 'INDEX_WRITERS', 'load_pools', 'strip_image_tokens',
@@ -118,10 +118,16 @@ def to_turns(record,  # a `Record` (or its dict)
     if system and turns[0]["role"] != "system": turns.insert(0, {"role": "system", "content": system})
     return turns
 
-def to_conversation(record, pools=None, seed: int = 0, system: str | None = None) -> dict:
-    "`{id, source, image, turns}` for a record: the unit every exporter writes."
+def to_conversation(record,  # a `Record` (or its dict)
+                    pools=None,  # query pools (default `DEFAULT_POOLS`)
+                    seed: int = 0,  # seed for the query choice
+                    system: str | None = None,  # optional system prompt
+                    root=None,  # resolve the image against this folder (the record's dataset) for training and inference
+                   ) -> dict:
+    "`{id, source, image, turns}` for a record: the unit every exporter, trainer and predictor uses."
     r = record if isinstance(record, Record) else Record.from_dict(record)
-    return {"id": r.id, "source": r.source, "image": r.image, "turns": to_turns(r, pools, seed, system)}
+    image = resolve_ref(r.image, root) if (root is not None and r.image) else r.image
+    return {"id": r.id, "source": r.source, "image": image, "turns": to_turns(r, pools, seed, system)}
 
 # %% ../nbs/08_chatml.ipynb 14
 _CHATML_TURN = re.compile(r"<\|im_start\|>(system|user|assistant)\n(.*?)<\|im_end\|>", re.S)

@@ -71,11 +71,7 @@ def classification_examples(dataset_dir, split: str, seed: int = 0) -> tuple[lis
     recs, root = read_dataset(dataset_dir, split)
     recs = [r for r in recs if r.task == "classify"]
     if not recs: raise PathinsightError(f"{dataset_dir}: no classify records in split {split!r}")
-    exs = []
-    for r in recs:
-        c = to_conversation(r, seed=seed)
-        exs.append({"id": r.id, "image": str(Path(root)/r.image), "turns": c["turns"], "label": r.label})
-    return recs, exs
+    return recs, [to_conversation(r, seed=seed, root=root) for r in recs]
 
 # %% ../nbs/18_demo.ipynb 12
 def tune(train_examples: list[dict], base_dir, out_dir, cfg: DemoConfig) -> dict:

@@ -26,7 +26,7 @@ class TrainConfig:
     "PathoSync training settings; defaults are the paper's."
     model: str = "llava"  # base model: family name, hub id or local directory
     family: str = ""  # model family when it cannot be read from the model ('' = detect)
-    data: str = ""  # training data: a jsonl of {image, turns} rows or of pathinsight records
+    data: str = ""  # training data: a built dataset folder, a jsonl of records or {image, turns} rows, or an export (llava, sharegpt, messages)
     eval_data: str = ""  # optional evaluation data, same format
     image_root: str = ""  # base folder for relative image paths ('' = the data file's folder)
     output_dir: str = "runs/pathosync"  # checkpoints, final model, loss curve
@@ -145,10 +145,9 @@ def read_examples(path,  # built dataset folder, or a jsonl / JSON file of {imag
     path = Path(path)
     if not path.exists(): raise PathinsightError(f"training data not found: {path}")
     if path.is_dir():  # a built dataset: its train split
-        from pathinsight.chatml import to_turns
+        from pathinsight.chatml import to_conversation
         recs, root = read_dataset(path, "train")
-        return [{"id": r.id, "image": str(Path(root)/r.image) if r.image else "", "turns": to_turns(r, seed=seed),
-                 "source": r.source} for r in recs]
+        return [to_conversation(r, seed=seed, root=root) for r in recs]
     rows, root = _data_rows(path), Path(image_root) if image_root else path.parent
     if rows and isinstance(rows[0], dict) and detect_format(rows): rows = read_export(path)
     out = []
@@ -275,7 +274,7 @@ def training_args(cfg: TrainConfig, out_dir, quiet: bool = True):
     return TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_ratio,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the steps
         weight_decay=cfg.weight_decay, num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
         max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, logging_first_step=True, save_strategy=cfg.save_strategy, save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, eval_strategy=cfg.eval_strategy, bf16=bf16, use_cpu=not cuda,
@@ -405,7 +404,7 @@ def recipe(name: str,  # a key of RECIPES
 
 def recipe_cmd(name: str,  # recipe: llava-1.5-7b-lora | qwen2-vl-7b-full | internvl3-8b-lora | ...
                out: str,  # YAML config file to write (for `pathinsight train OUT` / `accelerate launch ... --config OUT`)
-               data: str = "",  # training data (jsonl of records or {image, turns} rows)
+               data: str = "",  # training data (built dataset, records, {image, turns} rows or an export)
                output_dir: str = "",  # run directory ('' = runs/NAME)
               ):
     "Write a full-size training config (paper hyperparameters) as YAML."
@@ -418,7 +417,7 @@ def recipe_cmd(name: str,  # recipe: llava-1.5-7b-lora | qwen2-vl-7b-full | inte
 
 # %% ../nbs/11_train.ipynb 50
 def train_cmd(config: str = "",  # YAML/JSON file of TrainConfig keys ('' = defaults)
-              data: str = "",  # training data jsonl ({image, turns} rows or records)
+              data: str = "",  # training data: built dataset, records, {image, turns} rows or an export (llava, sharegpt, messages)
               model: str = "",  # base model: family name, hub id or directory
               mode: str = "",  # lora | qlora | full
               output_dir: str = "",  # run directory
