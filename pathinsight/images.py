@@ -42,13 +42,17 @@ def _split_ref(ref: str, scheme: str) -> tuple[str, int]:
     return path, int(idx)
 
 # %% ../nbs/02_images.ipynb 9
-_H5 = {}  # open h5 files, by path
+_H5, _H5_DATASETS = {}, {}  # open h5 files by path; (dataset, length) by (path, key): looking them up costs more than a row
 
-def _h5dataset(path: str, key: str = "x"):
-    if path not in _H5:
-        import h5py
-        _H5[path] = h5py.File(path, "r")
-    return _H5[path][key]
+def _h5dataset(path: str, key: str = "x") -> tuple:
+    "The (h5py dataset, its length) of `key` in `path`, opened once."
+    if (path, key) not in _H5_DATASETS:
+        if path not in _H5:
+            import h5py
+            _H5[path] = h5py.File(path, "r")
+        ds = _H5[path][key]
+        _H5_DATASETS[(path, key)] = (ds, len(ds))
+    return _H5_DATASETS[(path, key)]
 
 @functools.lru_cache(maxsize=2)
 def _parquet_group(path: str, group: int) -> list:
@@ -70,14 +74,14 @@ def _hf_saved(path: str):
 def close_images():
     "Close the cached h5 files and forget cached datasets and Parquet row groups."
     for f in _H5.values(): f.close()
-    _H5.clear(); _hf_saved.cache_clear(); _parquet_group.cache_clear(); _parquet_offsets.cache_clear()
+    _H5.clear(); _H5_DATASETS.clear(); _hf_saved.cache_clear(); _parquet_group.cache_clear(); _parquet_offsets.cache_clear()
 
 # %% ../nbs/02_images.ipynb 11
 def load_array(ref: str) -> np.ndarray:
     "The pixels of an `h5://FILE#INDEX` reference as a numpy array (no decoding)."
     path, i = _split_ref(ref, "h5://")
-    x = _h5dataset(path)
-    if not 0 <= i < len(x): raise ImageError("missing_image", ref, f"row {i} out of range (0-{len(x) - 1})")
+    x, n = _h5dataset(path)
+    if not 0 <= i < n: raise ImageError("missing_image", ref, f"row {i} out of range (0-{n - 1})")
     return x[i]
 
 def _parquet_image(ref: str) -> Image.Image:
