@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_build.ipynb 3
 from __future__ import annotations
-import dataclasses, inspect, io, json, os, shutil, tempfile, threading, time
+import dataclasses, inspect, io, json, os, shutil, tempfile, threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, asdict
 from pathlib import Path

@@ -4,14 +4,14 @@
 
 # %% ../nbs/08_chatml.ipynb 3
 from __future__ import annotations
-import json, math, os, re, sys, time, tempfile, unicodedata, warnings
+import json, math, os, re, sys, time, unicodedata, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .core import (Record, Rejection, PathinsightError, CRC_CLASSES, rng_for, atomic_write, label_set_name,
+from .core import (Record, Rejection, PathinsightError, rng_for, atomic_write, label_set_name,
                               option_answers, read_dataset, write_json, write_jsonl, read_jsonl, read_config_file, progress,
-                              sample_data_dir)
+                              )
 from .images import is_container_ref, resolve_ref
 
 # %% auto 0

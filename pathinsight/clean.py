@@ -4,11 +4,11 @@
 
 # %% ../nbs/05_clean.ipynb 3
 from __future__ import annotations
-import hashlib, json, re
+import hashlib, re
 from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
-from .core import PathinsightError, Record, Rejection, progress
+from .core import Record, Rejection, progress
 from .images import ImageError, open_image, to_rgb
 
 # %% auto 0

@@ -13,7 +13,7 @@ import numpy as np
 
 from .core import (CRC_CLASSES, PathinsightError, Record, Rejection, atomic_dir, atomic_write, bytes_sha256,
                               cache_dir, file_sha256, get_logger, label_set_name, load_config, option_answers, progress,
-                              read_dataset, read_jsonl, record_features, sample_data_dir, write_json, write_jsonl)
+                              read_dataset, record_features, write_json, write_jsonl)
 from .tutorial import hub_files_only, offline_hub
 from .images import ImageError, content_key, is_container_ref, load_rgb, resolve_ref
 
@@ -290,7 +290,6 @@ def embed_images(clip: ClipModel,  # the model
                  cache_root: str | Path | None = None,  # cache folder (None = cache_dir('clip'))
                 ) -> tuple[np.ndarray, dict[int, ImageError]]:
     "L2-normalised embeddings of images (rows in input order) and {index: ImageError} for unreadable ones."
-    import torch
     from torch.utils.data import DataLoader
     paths = [str(p) for p in paths]
     errors, keys = {}, []

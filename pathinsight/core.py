@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib, json, logging, os, random, shutil, tempfile, contextlib
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable
 
 # %% auto 0
 __all__ = ['TASKS', 'ROLES', 'CRC_CLASSES', 'PCAM_CLASSES', 'LABEL_SETS', 'PathinsightError', 'make_options', 'option_answers',

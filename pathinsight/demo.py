@@ -4,10 +4,10 @@
 
 # %% ../nbs/18_demo.ipynb 3
 from __future__ import annotations
-import json, os, time
+import json, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
-from .core import PathinsightError, CRC_CLASSES, write_json, atomic_write, read_jsonl, get_logger
+from .core import PathinsightError, write_json, atomic_write, read_jsonl, get_logger
 from .tutorial import runtime_info
 
 # %% auto 0

@@ -4,7 +4,6 @@
 
 # %% ../nbs/10_encode.ipynb 3
 from __future__ import annotations
-from pathlib import Path
 from .core import PathinsightError, Rejection, progress
 from .images import ImageError, load_rgb
 from .models import get_family

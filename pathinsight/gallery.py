@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64, csv, html, io, json, math, textwrap
 from pathlib import Path
 from typing import Sequence
-from .core import CRC_CLASSES, PathinsightError, atomic_write, write_json, read_jsonl, rng_for, stable_hash
+from .core import PathinsightError, atomic_write, write_json, read_jsonl, rng_for, stable_hash
 from .images import load_rgb
 
 # %% auto 0

@@ -4,11 +4,11 @@
 
 # %% ../nbs/12_infer.ipynb 3
 from __future__ import annotations
-import json, os, time
+import json
 from pathlib import Path
-from .core import PathinsightError, atomic_write, progress, get_logger
+from .core import PathinsightError, atomic_write, progress
 from .models import get_family, load_trained
-from .encode import EncodeRejected, answer_text, encode_prompts, example_image, prompt_text, split_prompt
+from .encode import EncodeRejected, answer_text, encode_prompts, split_prompt
 
 # %% auto 0
 __all__ = ['generate', 'ask', 'option_scores', 'rank_options', 'done_ids', 'predict', 'ask_cmd']

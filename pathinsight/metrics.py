@@ -4,11 +4,11 @@
 
 # %% ../nbs/13_metrics.ipynb 4
 from __future__ import annotations
-import math, re, time
+import math, re
 from collections import Counter
 from typing import Sequence
 import numpy as np
-from .core import CRC_CLASSES, PathinsightError, rng_for
+from .core import PathinsightError
 
 # %% auto 0
 __all__ = ['UNPARSED', 'CRC_SYNONYMS', 'YES_WORDS', 'NO_WORDS', 'PCAM_SYNONYMS', 'tokenize', 'find_labels', 'parse_label',

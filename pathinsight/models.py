@@ -8,7 +8,7 @@ import json, os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-from .core import PathinsightError, CRC_CLASSES, seed_everything, get_logger
+from .core import PathinsightError, CRC_CLASSES
 from .tutorial import choose_model, hub_files_only, offline_hub, tutorial_load_kwargs
 
 # bitsandbytes logs a warning when it is imported (by peft and transformers) on CPUs with AVX512-BF16 and no

@@ -8,7 +8,7 @@ import csv, json, re
 from pathlib import Path
 from typing import Iterable, Iterator
 from .core import (CRC_CLASSES, LABEL_SETS, PCAM_CLASSES, PathinsightError, Record, Rejection, make_options,
-                              option_answers, rng_for, get_logger)
+                              option_answers, rng_for)
 from .images import IMAGE_EXTS
 
 # %% auto 0

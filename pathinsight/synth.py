@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_synth.ipynb 3
 from __future__ import annotations
-import json, math
+import math
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np

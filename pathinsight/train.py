@@ -4,11 +4,11 @@
 
 # %% ../nbs/11_train.ipynb 3
 from __future__ import annotations
-import csv, json, math, os, random, time
-from dataclasses import dataclass, field, asdict
+import csv, json, os, time
+from dataclasses import dataclass, asdict
 from pathlib import Path
-from .core import (PathinsightError, Rejection, get_logger, load_config, read_dataset, read_jsonl, write_json,
-                              write_jsonl, atomic_write, seed_everything, progress, Record)
+from .core import (PathinsightError, get_logger, load_config, read_dataset, read_jsonl, write_json,
+                              write_jsonl, atomic_write, seed_everything)
 from .models import get_family, load_model, model_parts, lora_targets, save_model, disable_bnb_cpu_repack, tiny_model
 from .encode import GroupedSampler, VLMCollator, VLMDataset, flip_rotate
 
