@@ -53,6 +53,7 @@ DEFAULT_POOLS = {
 }
 _POOL_FIELDS = {"caption": (), "classify": ("options",), "pcam": (), "vqa_open": ("question",), "vqa_closed": ("question",)}
 
+# %% ../nbs/08_chatml.ipynb 7
 def load_pools(src=None) -> dict:
     "Query pools from a YAML/JSON file or dict (its keys replace the defaults), validated."
     if src is None: return DEFAULT_POOLS
@@ -73,7 +74,7 @@ def load_pools(src=None) -> dict:
             except (KeyError, IndexError, ValueError) as e: raise PathinsightError(f"{where}: bad template {s!r} in pool {k!r} ({e!r})") from None
     return pools
 
-# %% ../nbs/08_chatml.ipynb 10
+# %% ../nbs/08_chatml.ipynb 11
 _IMG_TOKENS = re.compile(r"(?:Picture \d+:\s*)?<img>.*?</img>|<image>|<ImageHere>", re.S)
 
 def strip_image_tokens(text: str) -> str:
@@ -105,6 +106,7 @@ def _classify_turns(r: Record, pick) -> list[dict]:
 
 TURNS_OF_TASK = {"conversation": _conversation_turns, "caption": _caption_turns, "vqa": _vqa_turns, "classify": _classify_turns}
 
+# %% ../nbs/08_chatml.ipynb 12
 def to_turns(record,  # a `Record` (or its dict)
              pools: dict | None = None,  # query pools (default `DEFAULT_POOLS`)
              seed: int = 0,  # seed for the query choice (with the record id)
@@ -129,7 +131,7 @@ def to_conversation(record,  # a `Record` (or its dict)
     image = resolve_ref(r.image, root) if (root is not None and r.image) else r.image
     return {"id": r.id, "source": r.source, "image": image, "turns": to_turns(r, pools, seed, system)}
 
-# %% ../nbs/08_chatml.ipynb 14
+# %% ../nbs/08_chatml.ipynb 16
 _CHATML_TURN = re.compile(r"<\|im_start\|>(system|user|assistant)\n(.*?)<\|im_end\|>", re.S)
 
 def render_chatml(turns: list[dict], image: str = "") -> str:
@@ -153,7 +155,7 @@ def parse_chatml(text: str) -> tuple[list[dict], str]:
         turns.append({"role": role, "content": c})
     return turns, image
 
-# %% ../nbs/08_chatml.ipynb 17
+# %% ../nbs/08_chatml.ipynb 19
 @dataclass(frozen=True)
 class ExportFormat:
     "How one training-data format spells a conversation, and what its trainer needs to find the images."
@@ -194,6 +196,7 @@ FORMATS = {f.name: f for f in [
 ]}
 PATH_MODES = ("auto", "relative", "absolute")
 
+# %% ../nbs/08_chatml.ipynb 20
 def get_format(name: str) -> ExportFormat:
     "The `ExportFormat` called `name`."
     if name not in FORMATS: raise PathinsightError(f"unknown export format {name!r} (choose from {', '.join(FORMATS)})")
@@ -208,7 +211,7 @@ def path_mode(fmt: ExportFormat,  # the export format
     if absolute and paths == "relative": raise PathinsightError("absolute=True contradicts paths='relative'")
     return "absolute" if absolute else fmt.paths if paths == "auto" else paths
 
-# %% ../nbs/08_chatml.ipynb 20
+# %% ../nbs/08_chatml.ipynb 23
 def render_row(fmt: ExportFormat, conv: dict, image_path: str | None = None) -> dict:
     "One conversation `{id, image, turns}` as a row of format `fmt` (`image_path` overrides the written path)."
     image = conv.get("image") or ""
@@ -236,6 +239,7 @@ def render_row(fmt: ExportFormat, conv: dict, image_path: str | None = None) -> 
 def _prefix_re(fmt: ExportFormat):
     return re.compile("^" + re.escape(fmt.placeholder).replace(re.escape("{path}"), "(?P<path>.*?)"), re.S)
 
+# %% ../nbs/08_chatml.ipynb 24
 def parse_row(fmt: ExportFormat, row: dict, where: str = "row") -> dict:
     "The conversation `{id, image, turns}` of a row of format `fmt` (inverse of `render_row`)."
     turns_in = row.get(fmt.turns_key) or (row.get("conversatons") if fmt.turns_key == "conversations" else None)
@@ -264,7 +268,7 @@ def parse_row(fmt: ExportFormat, row: dict, where: str = "row") -> dict:
     if len(images) > 1: raise PathinsightError(f"{where}: {len(images)} images; pathinsight records hold one")
     return {"id": str(row.get("id", where)), "image": images[0] if images else "", "turns": turns}
 
-# %% ../nbs/08_chatml.ipynb 23
+# %% ../nbs/08_chatml.ipynb 27
 def _count_placeholders(fmt: ExportFormat, row: dict) -> int:
     if fmt.parts: return sum(p.get("type") == "image" for t in row[fmt.turns_key] for p in t[fmt.text_key])
     return sum(len(re.findall(fmt.token, t[fmt.text_key])) for t in row[fmt.turns_key])
@@ -301,7 +305,7 @@ def check_path(fmt: ExportFormat, path: str, out_dir=None) -> tuple[str, str] | 
                              f"({path[:60]}...); write relative paths (paths='relative', --paths relative) and run the trainer "
                              f"from {out_dir or 'the export folder'}, or put the dataset in a shorter folder")
 
-# %% ../nbs/08_chatml.ipynb 26
+# %% ../nbs/08_chatml.ipynb 30
 def export_path(image: str,  # a record's image path, relative to `root` (or absolute)
                 root,  # folder record image paths are relative to (None: write them as they are)
                 out_dir,  # the export file's folder
@@ -312,7 +316,7 @@ def export_path(image: str,  # a record's image path, relative to `root` (or abs
     full = os.path.abspath(os.path.join(root, image))
     return full if mode == "absolute" else os.path.relpath(full, os.path.abspath(out_dir))
 
-# %% ../nbs/08_chatml.ipynb 29
+# %% ../nbs/08_chatml.ipynb 33
 def sharegpt_dataset_info(file_name: str, system: bool = False, images: bool = True) -> dict:
     "The LLaMA-Factory `dataset_info.json` entry for a ShareGPT export file."
     cols = {"messages": "conversations"}
@@ -350,7 +354,7 @@ def write_data_txt(out: Path, n: int, system: bool = False, images: bool = True)
 
 INDEX_WRITERS = {"dataset_info.json": write_dataset_info, "data.txt": write_data_txt}
 
-# %% ../nbs/08_chatml.ipynb 32
+# %% ../nbs/08_chatml.ipynb 36
 class ExportWarning(UserWarning):
     "An export that is valid but that its trainer will not read as intended."
 
@@ -375,6 +379,7 @@ def _warn_system(fmt: ExportFormat):
                   "template); the 'system' field is written, but that trainer will not train with it (sharegpt and messages do)",
                   ExportWarning, stacklevel=3)
 
+# %% ../nbs/08_chatml.ipynb 37
 def export_conversations(convs: Iterable[dict],  # `{id, image, turns}` (+ optional `source`)
                          format: str,  # llava | qwen-vl | ixc2 | sharegpt | messages
                          out,  # output file
@@ -406,6 +411,7 @@ def export_conversations(convs: Iterable[dict],  # `{id, image, turns}` (+ optio
     if has_sys and not fmt.row_system: _warn_system(fmt)
     return ExportResult(out, fmt.name, len(lines), rej, time.perf_counter() - t0, mode, idx)
 
+# %% ../nbs/08_chatml.ipynb 38
 def export_records(records: Iterable,  # `Record`s or their dicts
                    format: str,  # llava | qwen-vl | ixc2 | sharegpt | messages
                    out,  # output file
@@ -444,6 +450,7 @@ def detect_format(rows: list) -> str | None:
     tags = {t.get("from") for t in first.get("conversations", first.get("conversatons")) if isinstance(t, dict)}
     return "llava" if tags & {"human", "gpt"} else "qwen-vl"  # text-only rows: both read the same way
 
+# %% ../nbs/08_chatml.ipynb 39
 def _read_rows(path: Path) -> list:
     if path.suffix == ".jsonl": return read_jsonl(path)
     try: rows = json.loads(path.read_text(encoding="utf-8"))
@@ -470,7 +477,7 @@ def read_export(path,  # an export file
                 c["image"] = os.path.normpath(os.path.join(base, c["image"]))
     return convs
 
-# %% ../nbs/08_chatml.ipynb 49
+# %% ../nbs/08_chatml.ipynb 56
 def export_cmd(dataset_dir: str,  # built dataset folder (DatasetDict saved with save_to_disk) or a records .jsonl
                format: str = "llava",  # llava | qwen-vl | ixc2 | sharegpt | messages
                out: str = None,  # output file (default DATASET_DIR/exports/<format>-<split>.json[l])

@@ -13,8 +13,10 @@ from .tutorial import choose_model, hub_files_only, offline_hub, tutorial_load_k
 
 # bitsandbytes logs a warning when it is imported (by peft and transformers) on CPUs with AVX512-BF16 and no
 # `kernels` package: an optional kernel for 4-bit inference that nothing here needs. Keep the console quiet.
-import logging as _logging
+import logging as _logging, warnings as _warnings
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+# peft reads transformers' deprecated `is_gradient_checkpointing` on every adapter load: a notice for peft's authors, not for users
+_warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # %% auto 0
 __all__ = ['LLAVA_TEMPLATE', 'QWEN2VL_TEMPLATE', 'INTERNVL_TEMPLATE', 'FAMILIES', 'DEFAULT_TEXTS', 'Family', 'get_family',

@@ -295,6 +295,42 @@ def _strip_image(text: str) -> tuple[str, str]:
 _ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 # %% ../nbs/04_sources.ipynb 27
+def _llava_med_rows(path: Path) -> list:
+    "The rows of a LLaVA-Med JSON list or JSON Lines file; a malformed line is kept as its error (it becomes a rejection)."
+    if path.suffix != ".jsonl":
+        rows = _read_json(path)
+        if not isinstance(rows, list): raise PathinsightError(f"{path}: expected a JSON list of conversations")
+        return rows
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip(): continue
+        try: rows.append(json.loads(line))
+        except json.JSONDecodeError as e: rows.append(PathinsightError(f"{path}:{i+1}: malformed JSON line ({e.msg})"))
+    return rows
+
+def _llava_med_turns(row: dict) -> tuple[list, str, str]:
+    "(turns, where the image placeholder was, the eval question type) of an instruct or eval row; KeyError/TypeError if malformed."
+    if "text" in row and "gpt4_answer" in row:  # eval QA row
+        conv, kind = [{"from": "human", "value": row["text"]}, {"from": "gpt", "value": row["gpt4_answer"]}], row.get("type", "")
+    else: conv, kind = row.get("conversations", row.get("conversatons")), ""
+    if not isinstance(conv, list) or not conv or "image" not in row: raise KeyError("needs image and conversations")
+    turns, pos = [], ""
+    for t in conv:
+        text, p = _strip_image(str(t["value"]))
+        pos = pos or p
+        turns.append({"role": _ROLE[t["from"]], "content": text})
+    return turns, pos, kind
+
+def _llava_med_record(rid, source, row, turns, pos, kind, img, where) -> Record:
+    "A caption record for a describe-the-figure exchange, else a conversation record."
+    meta = {"image_position": pos, "type": kind, **({"fig_caption": row["fig_caption"]} if "fig_caption" in row else {})}
+    group = Path(str(row["image"])).stem
+    describe = kind == "detailed_description" or (not kind and len(turns) == 2 and bool(_DESCRIBE.search(turns[0]["content"])))
+    if describe and len(turns) == 2 and turns[1]["role"] == "assistant":
+        return Record(rid, source, "caption", image=str(img), caption=turns[1]["content"], group=group,
+                      provenance=where, meta=json.dumps({**meta, "prompt": turns[0]["content"]}))
+    return Record(rid, source, "conversation", image=str(img), turns=turns, group=group, provenance=where, meta=json.dumps(meta))
+
 def load_llava_med(path,  # instruct json (list) / jsonl, or the eval QA jsonl
                    image_dir=None,  # folder of the images (default: the file's folder)
                    source: str = "llava_med",  # source name stored in the records
@@ -303,52 +339,22 @@ def load_llava_med(path,  # instruct json (list) / jsonl, or the eval QA jsonl
                   ) -> Iterator[Record | Rejection]:
     "Yield `conversation` / `caption` records from LLaVA-Med instruct or eval files, pathology subset."
     path = _need(path, "LLaVA-Med file")
-    if path.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-            if not line.strip(): continue
-            try: rows.append(json.loads(line))
-            except json.JSONDecodeError as e: rows.append(PathinsightError(f"{path}:{i+1}: malformed JSON line ({e.msg})"))
-    else:
-        rows = _read_json(path)
-        if not isinstance(rows, list): raise PathinsightError(f"{path}: expected a JSON list of conversations")
     idir = Path(image_dir) if image_dir is not None else path.parent
-    for i, row in enumerate(rows):
+    for i, row in enumerate(_llava_med_rows(path)):
         where = f"{path.name}[{i}]"
         if isinstance(row, Exception): yield _rej(f"{source}-row-{i}", source, "malformed_row", str(row)); continue
         if not isinstance(row, dict): yield _rej(f"{source}-row-{i}", source, "malformed_row", f"{where}: not an object"); continue
         rid = f"{source}-{row.get('id', row.get('question_id', i))}"
-        if "text" in row and "gpt4_answer" in row:  # eval QA row
-            conv = [{"from": "human", "value": row["text"]}, {"from": "gpt", "value": row["gpt4_answer"]}]
-            kind = row.get("type", "")
-        else:
-            conv = row.get("conversations", row.get("conversatons"))
-            kind = ""
-        if not isinstance(conv, list) or not conv or "image" not in row:
-            yield _rej(rid, source, "malformed_row", f"{where}: needs image and conversations"); continue
-        try:
-            turns, pos = [], ""
-            for t in conv:
-                text, p = _strip_image(str(t["value"]))
-                pos = pos or p
-                turns.append({"role": _ROLE[t["from"]], "content": text})
+        try: turns, pos, kind = _llava_med_turns(row)
         except (KeyError, TypeError) as e:
-            yield _rej(rid, source, "malformed_row", f"{where}: bad turn ({type(e).__name__}: {e})"); continue
+            yield _rej(rid, source, "malformed_row", f"{where}: bad row ({type(e).__name__}: {e})"); continue
         alltext = " ".join(t["content"] for t in turns) + " " + str(row.get("fig_caption", ""))
         if pathology_only and not is_pathology(alltext, row.get("domain")):
             yield _rej(rid, source, "not_pathology", f"{where}: domain {row.get('domain')}" if "domain" in row else f"{where}: no pathology keyword"); continue
         img = idir/str(row["image"])
         if check_images and not img.is_file():
             yield _rej(rid, source, "missing_image", f"{where}: image {img} not found"); continue
-        meta = {"image_position": pos, "type": kind}
-        if "fig_caption" in row: meta["fig_caption"] = row["fig_caption"]
-        group = Path(str(row["image"])).stem
-        describe = kind == "detailed_description" or (not kind and len(turns) == 2 and bool(_DESCRIBE.search(turns[0]["content"])))
-        if describe and len(turns) == 2 and turns[1]["role"] == "assistant":
-            yield Record(rid, source, "caption", image=str(img), caption=turns[1]["content"], group=group,
-                         provenance=where, meta=json.dumps({**meta, "prompt": turns[0]["content"]}))
-        else:
-            yield Record(rid, source, "conversation", image=str(img), turns=turns, group=group, provenance=where, meta=json.dumps(meta))
+        yield _llava_med_record(rid, source, row, turns, pos, kind, img, where)
 
 # %% ../nbs/04_sources.ipynb 31
 _URL = re.compile(r"(https?://\S+|www\.\S+|pic\.twitter\.com/\S+)")
