@@ -334,8 +334,7 @@ def bench_vs_trl(n: int = 288,  # training examples
                 ) -> dict:
     "Train one tiny model via pathinsight and via TRL SFTTrainer on the same data: samples/s of each, ratio, padding waste."
     import torch
-    from datasets import Dataset
-    from PIL import Image
+    from datasets import Dataset, List, Image as DsImage
     from trl import SFTTrainer, SFTConfig
     from transformers.trainer_callback import PrinterCallback
     if threads: torch.set_num_threads(threads)
@@ -350,8 +349,9 @@ def bench_vs_trl(n: int = 288,  # training examples
                                   max_grad_norm=max_grad_norm, augment=False, group_by_length=group, logging_steps=steps, seed=0),
                       exs, callbacks=[t])
             return {"s": t.s, "padding_waste": r["padding_waste"], "steps": r["steps"]}
-        ds = Dataset.from_list([{"images": [Image.open(e["image"]).convert("RGB")], "prompt": [dict(t) for t in e["turns"][:-1]],
+        ds = Dataset.from_list([{"images": [e["image"]], "prompt": [dict(t) for t in e["turns"][:-1]],
                                  "completion": [dict(e["turns"][-1])]} for e in exs])
+        ds = ds.cast_column("images", List(DsImage()))  # decoded from the same files as ours, on access (not PNG bytes in Arrow)
         def theirs():
             model, proc, _ = load_model(tmp/"base")
             args = SFTConfig(output_dir=str(tmp/"trl"), max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=1e-3,
@@ -676,13 +676,14 @@ def bench_learning_grid(out_dir=None,  # folder for learning_grid.csv / .md
     print(describe(res))
     return res
 
-BENCHMARKS = {  # name: (function, toy-size arguments); the full size is each function's defaults
+BENCHMARKS = {  # name: (function, toy-size arguments[, full-size arguments]); the full size is otherwise the function's defaults
     "generate": (bench_generate, dict(n=16, max_new_tokens=4)),
     "metrics": (bench_metrics, dict(n=300)),
     "export": (bench_export, dict(n=400)),
     "clip": (bench_clip, dict(n_images=16, batch_size=8, vision="test_vit", image_size=64, num_workers=0)),
     "vs_trl": (bench_vs_trl, dict(n=16, steps=2, batch_size=8)),
     "pcam_build": (bench_pcam_build, dict(n=300)),
+    "pcam_build_1thread": (bench_pcam_build, dict(n=300, workers=1), dict(workers=1)),
     "demo": (bench_demo, dict(steps=4, n_per_class=10, no_control=True)),
     "learning_grid": (bench_learning_grid, dict(families=("llava",), modes=(("lora", False),), steps=20, n_train=8, hidden=32,
                                                 classes=("ADI", "TUM"), n_test=4, image_size=32)),
@@ -733,7 +734,7 @@ def record_results(out,  # results folder
 
 def _jsonable(x): return json.loads(json.dumps(x, default=str))
 
-def bench_cmd(names: list = None,  # benchmarks to run (default: the quick ones: generate metrics export clip vs_trl pcam_build; also demo, learning_grid)
+def bench_cmd(names: list = None,  # benchmarks to run (default: the quick ones: generate metrics export clip vs_trl pcam_build; also pcam_build_1thread, demo, learning_grid)
               out: str = "benchmarks",  # folder of results.md and results.json (merged: a rerun replaces only its entries)
               repeats: int = 3,  # timed repetitions of each side, after one warm-up round
               size: str = "full",  # 'full': the sizes of the recorded figures (minutes); 'toy': seconds each
@@ -745,9 +746,9 @@ def bench_cmd(names: list = None,  # benchmarks to run (default: the quick ones:
     if size not in ("full", "toy"): raise PathinsightError(f"size must be 'full' or 'toy', got {size!r}")
     results = {}
     for name in progress(names, "benchmarks"):
-        fn, toy = BENCHMARKS[name]
+        fn, toy, full = (BENCHMARKS[name] + ({},))[:3]
         sig = inspect.signature(fn)
-        kw = dict(toy) if size == "toy" else {}
+        kw = dict(toy if size == "toy" else full)
         if "repeats" in sig.parameters: kw["repeats"] = repeats
         if "out_dir" in sig.parameters: kw["out_dir"] = str(out)
         bound = sig.bind(**kw); bound.apply_defaults()
