@@ -712,10 +712,11 @@ def results_markdown(results: dict) -> str:
     lines += ["", "## Details"]
     for k in order:
         e = ents[k]
-        sides = list(e["formats"].values()) if e.get("formats") else [s for s in (e.get("ours"), e.get("theirs")) if s]
+        sides = list(e["formats"].values()) if e.get("formats") else [s for s in (e.get("ours"), e.get("theirs"), e.get("ungrouped")) if s]
         lines += ["", f"### {k}", "", f"- size `{e['size']}`, {len(sides[0]['runs_s'])} timed run(s) per side, {e['wall_s']:.0f} s in all",
                   f"- parameters: `{json.dumps(e['params'], sort_keys=True)}`"]
         lines += [f"- {s['label']}: runs " + ", ".join(f"{x:.3f}" for x in s["runs_s"]) + f" s (min {s['min_s']:.3f}, median {s['median_s']:.3f})"
+                  + "".join(f"; {f} " + ", ".join(f"{x:.3g}" if isinstance(x, float) else str(x) for x in v) for f, v in s.get("figures", {}).items())
                   for s in sides]
         lines += ["- versions: " + ", ".join(f"{p} {v}" for p, v in e["versions"].items() if v)]
     return "\n".join(lines) + "\n"
