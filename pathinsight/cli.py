@@ -30,6 +30,8 @@ COMMANDS = {  # subcommand: (module:function, one-line help[, parameters taken a
     "review": ("pathinsight.gallery:review_cmd", "blinded A/B review sheet (HTML + CSV) of two runs for pathologists"),
     "review-score": ("pathinsight.gallery:review_score_cmd", "aggregate filled review sheets into per-model scores"),
     "serve": ("pathinsight.app:serve_cmd", "serve a Gradio chat app for a model (or two side by side)"),
+    "bench": ("pathinsight.bench:bench_cmd", "run the benchmarks and record them (machine, versions, timings) in benchmarks/results.md",
+              ("names",)),
 }
 
 # %% ../nbs/90_cli.ipynb 8
@@ -58,8 +60,9 @@ def command_parser(func, prog: str, optional_positionals: tuple = ()) -> argpars
     for name, p in inspect.signature(func).parameters.items():
         help_, typ, flag = docs.get(name) or "", _param_type(p), "--" + name.replace("_", "-")
         required = p.default is inspect.Parameter.empty
-        if name in optional_positionals:
-            ap.add_argument(name, type=typ, nargs="?", default=p.default, help=f"{help_} (optional)")
+        if name in optional_positionals:  # a list takes any number of words, anything else one or none
+            ap.add_argument(name, type=str if typ is list else typ, nargs="*" if typ is list else "?", default=p.default,
+                            help=f"{help_} (optional)")
         elif required and p.kind is inspect.Parameter.KEYWORD_ONLY:
             ap.add_argument(flag, dest=name, type=typ if typ is not list else str, nargs="+" if typ is list else None,
                             required=True, help=f"{help_} (required)")

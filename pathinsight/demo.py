@@ -4,14 +4,15 @@
 
 # %% ../nbs/18_demo.ipynb 3
 from __future__ import annotations
-import json, time
+import json, os, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from .core import PathinsightError, write_json, atomic_write, read_jsonl, get_logger
 from .tutorial import runtime_info
 
 # %% auto 0
-__all__ = ['DemoConfig', 'demo_data', 'classification_examples', 'tune', 'evaluate_model', 'write_report', 'run_demo', 'demo_cmd']
+__all__ = ['DemoConfig', 'demo_data', 'classification_examples', 'tune', 'tune_with_control', 'evaluate_model', 'write_report',
+           'run_demo', 'demo_cmd']
 
 # %% ../nbs/18_demo.ipynb 6
 @dataclass
@@ -29,7 +30,8 @@ class DemoConfig:
     control: bool = True  # also train the shuffled-label control
     clip_keep: float = 0.9  # fraction of caption pairs the CLIP stage keeps
     seed: int = 0  # seed of every stage
-    threads: int = 0  # torch threads (0: torch's default)
+    threads: int = 1  # torch threads per training process (0: torch's default; a second thread gains little on a tiny model and OpenMP spin-waits make it far slower when the other core is busy)
+    parallel: bool = True  # train the control in a second process while the model tunes (one core each)
 
     def validate(self):
         "Raise a `PathinsightError` for impossible settings."
@@ -80,6 +82,26 @@ def tune(train_examples: list[dict], base_dir, out_dir, cfg: DemoConfig) -> dict
     res = train(tiny_recipe(mode=cfg.mode, model=str(base_dir), output_dir=str(out_dir), max_steps=cfg.steps,
                             learning_rate=cfg.learning_rate, seed=cfg.seed), train_examples)
     return {k: res[k] for k in ("final_dir", "steps", "first_loss", "last_loss", "train_loss", "samples_per_second", "trainable")}
+
+def _tune_elsewhere(args: tuple) -> dict:
+    "`tune` in a worker process with its own thread count and no progress bar (the main process shows its own)."
+    import torch
+    examples, base_dir, out_dir, cfg = args
+    cfg = DemoConfig(**cfg)  # sent as a dict: plain data crosses process boundaries from anywhere (a notebook too)
+    if cfg.threads: torch.set_num_threads(cfg.threads)
+    os.environ["PATHINSIGHT_QUIET"] = "1"
+    return tune(examples, base_dir, out_dir, cfg)
+
+def tune_with_control(train_examples: list[dict], control_examples: list[dict], base_dir, out: Path, cfg: DemoConfig) -> tuple:
+    "(tuned, control) runs: the control trains in a second process meanwhile when `cfg.parallel`, else after."
+    if not cfg.parallel: return tune(train_examples, base_dir, out/"tuned", cfg), tune(control_examples, base_dir, out/"control", cfg)
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    import pathinsight.demo as lib  # the worker imports the installed module, not a notebook's __main__
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+        control = ex.submit(lib._tune_elsewhere, (control_examples, str(base_dir), str(out/"control"), asdict(cfg)))
+        tuned = tune(train_examples, base_dir, out/"tuned", cfg)
+        return tuned, control.result()
 
 def evaluate_model(model_dir, name: str, test_recs, test_examples, dataset_dir, out_dir, options: list[str]) -> dict:
     "Greedy predictions (+ ranked choice among `options`) of one model, scored; returns its metrics."
@@ -134,7 +156,7 @@ def run_demo(out="demo_out",  # output directory (created; reused files are over
     if cfg.threads: torch.set_num_threads(cfg.threads)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     info = runtime_info(check_hub=False)  # the demo is offline by design: tiny models built from configs
-    log, times, n = get_logger("pathinsight.demo"), {}, 7
+    log, times, n = get_logger("pathinsight.demo"), {}, 6
     t = _stage(log, 1, n, "data: synth → build → CLIP filter → ChatML export")
     data = demo_data(out, cfg); times["data"] = time.time() - t
     t = _stage(log, 2, n, "tiny base model")
@@ -147,17 +169,19 @@ def run_demo(out="demo_out",  # output directory (created; reused files are over
     tiny_model(cfg.family, out_dir=out/"models"/"base", texts=texts, image_size=cfg.size, hidden=cfg.hidden,
                patch=cfg.patch, seed=cfg.seed)
     times["base model"] = time.time() - t
-    t = _stage(log, 3, n, f"tune ({cfg.mode}, {cfg.steps} steps)")
-    tuned = tune(train_ex, out/"models"/"base", out/"models"/"tuned", cfg); times["tune"] = time.time() - t
-    runs = {"base": out/"models"/"base", "tuned": Path(tuned["final_dir"])}
+    runs = {"base": out/"models"/"base"}
     if cfg.control:
-        t = _stage(log, 4, n, "shuffled-label control")
-        ctrl = tune(shuffle_answers(train_ex, cfg.seed), out/"models"/"base", out/"models"/"control", cfg)
-        times["control"] = time.time() - t; runs["control"] = Path(ctrl["final_dir"])
-    t = _stage(log, 5, n, "evaluate base, tuned" + (", control" if cfg.control else ""))
+        t = _stage(log, 3, n, f"tune ({cfg.mode}, {cfg.steps} steps) and the shuffled-label control" + (", side by side" if cfg.parallel else ""))
+        tuned, ctrl = tune_with_control(train_ex, shuffle_answers(train_ex, cfg.seed), out/"models"/"base", out/"models", cfg)
+        times["tune + control"] = time.time() - t; runs.update(tuned=Path(tuned["final_dir"]), control=Path(ctrl["final_dir"]))
+    else:
+        t = _stage(log, 3, n, f"tune ({cfg.mode}, {cfg.steps} steps)")
+        tuned = tune(train_ex, out/"models"/"base", out/"models"/"tuned", cfg); times["tune"] = time.time() - t
+        runs["tuned"] = Path(tuned["final_dir"])
+    t = _stage(log, 4, n, "evaluate base, tuned" + (", control" if cfg.control else ""))
     ev = {k: evaluate_model(v, k, test_recs, test_ex, data["dataset"], out/"eval", options) for k, v in runs.items()}
     times["evaluate"] = time.time() - t
-    t = _stage(log, 6, n, "Table 2 and figures")
+    t = _stage(log, 5, n, "Table 2 and figures")
     from pathinsight.evaluate import table_cmd
     from pathinsight.gallery import gallery_items, plot_gallery, plot_confusion, plot_training_curve
     import contextlib, io
@@ -168,7 +192,7 @@ def run_demo(out="demo_out",  # output directory (created; reused files are over
     curves = {k: out/"models"/k/"loss.csv" for k in ("tuned", "control") if (out/"models"/k/"loss.csv").exists()}
     plot_training_curve(curves, out/"loss.png")
     times["report"] = time.time() - t
-    t = _stage(log, 7, n, "report.md")
+    t = _stage(log, 6, n, "report.md")
     summary = {"config": asdict(cfg), "device": info["device"] + (f" ({info['gpu']})" if info["gpu"] else ""), "times": times, "n_train": len(train_ex), "n_test": len(test_ex), "tuned": tuned,
                "eval": ev, "data": {"dataset": data["dataset"], "n_export": data["export"].n_written if hasattr(data["export"], "n_written") else len(train_recs),
                                     "clip_counts": data["clip"].get("counts", {})}}
@@ -189,7 +213,9 @@ def demo_cmd(out: str = "demo_out",  # output directory
              n_per_class: int = 60,  # synthetic tiles per class
              seed: int = 0,  # seed of every stage
              no_control: bool = False,  # skip the shuffled-label control
+             threads: int = 1,  # torch threads per training process (0: torch's default)
+             sequential: bool = False,  # train the control after the model instead of beside it in a second process
             ):
     "Run the whole pipeline end to end on the embedded synthetic data and write report.md."
     return run_demo(out, DemoConfig(family=family, mode=mode, steps=steps, n_per_class=n_per_class, seed=seed,
-                                    control=not no_control))
+                                    control=not no_control, threads=threads, parallel=not sequential))
