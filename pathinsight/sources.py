@@ -331,6 +331,7 @@ def _llava_med_record(rid, source, row, turns, pos, kind, img, where) -> Record:
                       provenance=where, meta=json.dumps({**meta, "prompt": turns[0]["content"]}))
     return Record(rid, source, "conversation", image=str(img), turns=turns, group=group, provenance=where, meta=json.dumps(meta))
 
+# %% ../nbs/04_sources.ipynb 28
 def load_llava_med(path,  # instruct json (list) / jsonl, or the eval QA jsonl
                    image_dir=None,  # folder of the images (default: the file's folder)
                    source: str = "llava_med",  # source name stored in the records
@@ -356,7 +357,7 @@ def load_llava_med(path,  # instruct json (list) / jsonl, or the eval QA jsonl
             yield _rej(rid, source, "missing_image", f"{where}: image {img} not found"); continue
         yield _llava_med_record(rid, source, row, turns, pos, kind, img, where)
 
-# %% ../nbs/04_sources.ipynb 31
+# %% ../nbs/04_sources.ipynb 32
 _URL = re.compile(r"(https?://\S+|www\.\S+|pic\.twitter\.com/\S+)")
 _MENTION = re.compile(r"(?<![\w@])@\w+:?")
 
@@ -399,7 +400,7 @@ def load_openpath(path,  # csv with tweet id, text and image file columns
             yield Record(rid, source, "caption", image=str(ip), caption=clean_tweet(text), group=tid,
                          provenance=f"{path.name} row {i+2}", meta=json.dumps({"tweet_id": tid}))
 
-# %% ../nbs/04_sources.ipynb 34
+# %% ../nbs/04_sources.ipynb 35
 BLADDER_DIAGNOSES = ("insufficient information", "high grade", "low grade", "normal")
 
 def bladder_diagnosis(report: str) -> str:
@@ -438,7 +439,7 @@ def load_bladder(path,  # annotation json (either layout)
             yield Record(f"{rid}-{k}" if captions == "all" else rid, source, "caption", image=str(img or idir/name),
                          caption=caps[k], group=slide, provenance=where, meta=json.dumps(meta))
 
-# %% ../nbs/04_sources.ipynb 37
+# %% ../nbs/04_sources.ipynb 38
 def _row_options(row: dict, label_set: str) -> list:
     "The label set of a classify row: its own `options` (dict label -> answer, or a list of answers), else `label_set`."
     opts = row.get("options")
@@ -478,7 +479,7 @@ def load_records_jsonl(path,  # JSON Lines file with record fields
 LOADERS = {"crc": load_crc, "pcam": load_pcam, "pathvqa": load_pathvqa, "llava_med": load_llava_med,
            "openpath": load_openpath, "bladder": load_bladder, "jsonl": load_records_jsonl}
 
-# %% ../nbs/04_sources.ipynb 38
+# %% ../nbs/04_sources.ipynb 39
 def load_source(loader: str,  # a key of LOADERS
                 path,  # the source's file or folder
                 **options,  # loader keywords (source, k, seed, image_dir, ...)

@@ -264,7 +264,7 @@ def write_synth(out,  # output directory (created; must not exist unless overwri
                 caps.append({"image": rel, "label": code, "caption": cap, "group": group})
                 qs = synth_questions(code, attrs, r)
                 vqa += [{"image": rel, "question": q, "answer": a, "label": code, "group": group} for q, a in qs]
-                human = [f"<image>\nDescribe the histological features of this image.", qs[0][0]]
+                human = ["<image>\nDescribe the histological features of this image.", qs[0][0]]
                 if r.random() < 0.5: human[0] = "Describe the histological features of this image.\n<image>"
                 convs.append({"id": Path(rel).stem, "image": rel,
                               "domain": {"histology": True, "chest_xray": False, "mri": False, "ct_scan": False, "gross": False},
