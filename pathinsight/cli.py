@@ -81,7 +81,7 @@ def command_parser(func, prog: str, optional_positionals: tuple = ()) -> argpars
 def _main_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pathinsight", description="Instruction-tune vision-language models on histopathology.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="subcommands:\n" + "\n".join(f"  {k:<12} {v[1]}" for k, v in COMMANDS.items())
+                                 epilog="subcommands:\n" + "\n".join(f"  {k:<{max(map(len, COMMANDS))}}  {v[1]}" for k, v in COMMANDS.items())
                                         + "\n\nrun 'pathinsight SUBCOMMAND --help' for a subcommand's options")
     ap.add_argument("command", choices=list(COMMANDS), metavar="SUBCOMMAND", help="one of: " + ", ".join(COMMANDS))
     ap.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
