@@ -84,7 +84,7 @@ def image_token_ids(processor) -> set[int]:
     names = ["image_token", "video_token", "start_image_token", "end_image_token", "context_image_token",
              "vision_start_token", "vision_end_token", "boi_token", "eoi_token"]
     ids = {tok.convert_tokens_to_ids(getattr(tok, n)) for n in names if isinstance(getattr(tok, n, None), str)}
-    ids |= {getattr(processor, "image_token_id", None)}
+    ids |= {getattr(processor, "image_token_id", None), *getattr(processor, "image_span_ids", ())}  # Qwen-VL: <img>, </img>, pad
     return {i for i in ids if isinstance(i, int) and i != tok.unk_token_id}
 
 def _check_turns(example: dict, processor, fam, where: str) -> list[dict]:
@@ -94,6 +94,17 @@ def _check_turns(example: dict, processor, fam, where: str) -> list[dict]:
     if any(img_tok in (t.get("content") or "") for t in turns):
         raise EncodeRejected("image_placeholder_in_text", f"{where}: turn text contains the image placeholder {img_tok!r}")
     return turns
+
+def _chatml_marker_labels(input_ids, labels, tok):
+    "Also learn every turn's <|im_start|>, <|im_end|> and the newline after it (Qwen-VL's finetune.py)."
+    import torch
+    start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    nl = tok("\n", add_special_tokens=False)["input_ids"]
+    keep = (input_ids == start) | (input_ids == end)
+    after_end = torch.zeros_like(keep); after_end[1:] = input_ids[:-1] == end
+    if len(nl) == 1: keep |= after_end & (input_ids == nl[0])
+    labels = labels.clone(); labels[keep] = input_ids[keep]
+    return labels
 
 def _tokens_and_labels(processor, fam, pieces, img) -> dict:
     "Token ids, labels and per-token inputs of the pieces (the first through the processor, with the image)."
@@ -110,6 +121,7 @@ def _tokens_and_labels(processor, fam, pieces, img) -> dict:
     n_extra = input_ids.shape[0] - ids.shape[0]
     out = {k: torch.cat([v, (torch.ones if k == "attention_mask" else torch.zeros)(n_extra, dtype=v.dtype)]) for k, v in per_token.items()}
     labels[torch.isin(input_ids, torch.tensor(sorted(image_token_ids(processor) | {tok.pad_token_id})))] = IGNORE
+    if fam is not None and fam.labels == "chatml-markers": labels = _chatml_marker_labels(input_ids, labels, tok)
     out.update({k: v for k, v in enc.items() if k not in per_token}, input_ids=input_ids, labels=labels)
     return out
 
@@ -144,7 +156,7 @@ def encode_example(example: dict, processor, family=None,  # example {image, tur
     pieces = chat_pieces(processor, to_messages(turns, where=where), where)
     return _truncate(_tokens_and_labels(processor, fam, pieces, img), processor, max_length, where)
 
-# %% ../nbs/11_encode.ipynb 19
+# %% ../nbs/11_encode.ipynb 21
 def flip_rotate(img):
     "Random horizontal flip and 90-degree rotation (tissue has no orientation); uses torch's RNG."
     import torch
@@ -169,7 +181,7 @@ class VLMDataset:
     def __getitem__(self, i):
         return encode_example(self.examples[i], self.processor, self.family, self.max_length, self.image_root, self.augment)
 
-# %% ../nbs/11_encode.ipynb 20
+# %% ../nbs/11_encode.ipynb 22
 class GroupedSampler:
     "Random batches of similar lengths: shuffle, sort within mega-batches by length bucket, shuffle the batches; seeded by seed+epoch."
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, mega: int = 50, bucket: int = 16):
@@ -202,7 +214,7 @@ def random_batches(n: int, batch_size: int, seed: int = 0) -> list[list[int]]:
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return [idx[j:j + batch_size] for j in range(0, n, batch_size)]
 
-# %% ../nbs/11_encode.ipynb 22
+# %% ../nbs/11_encode.ipynb 24
 class VLMCollator:
     "Pads encoded examples (or encodes raw ones first) into a batch; image inputs are concatenated."
     def __init__(self, processor, family=None, max_length: int = 2048, image_root=None, padding_side: str = "right"):
@@ -232,7 +244,7 @@ class VLMCollator:
             else: out[k] = torch.cat([b[k] for b in batch])
         return out
 
-# %% ../nbs/11_encode.ipynb 25
+# %% ../nbs/11_encode.ipynb 27
 def encode_prompts(processor, family, examples: list[dict],  # processor, family, examples {image, turns}
                    image_root=None) -> dict:  # base of relative image paths
     "The left-padded batch of the examples' prompts (up to the last user turn) with their images."

@@ -4,12 +4,13 @@
 
 # %% ../nbs/10_models.ipynb 3
 from __future__ import annotations
-import json, os
+import contextlib, json, os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 from .core import PathinsightError, CRC_CLASSES
 from .tutorial import choose_model, hub_files_only, offline_hub, tutorial_load_kwargs
+from .remote import QwenVLProcessor, finish_remote, font_free_import, prepare_remote, tiny_remote_model
 
 # bitsandbytes logs a warning when it is imported (by peft and transformers) on CPUs with AVX512-BF16 and no
 # `kernels` package: an optional kernel for 4-bit inference that nothing here needs. Keep the console quiet.
@@ -21,8 +22,8 @@ _warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is depr
 # %% auto 0
 __all__ = ['LLAVA_TEMPLATE', 'QWEN2VL_TEMPLATE', 'INTERNVL_TEMPLATE', 'FAMILIES', 'DEFAULT_TEXTS', 'Family', 'get_family',
            'tiny_tokenizer', 'tiny_model', 'save_model', 'disable_bnb_cpu_repack', 'default_compute_dtype',
-           'model_source', 'quantization_config', 'load_model', 'model_parts', 'lora_targets', 'inference_device',
-           'place_model', 'looks_like_hub_id', 'load_trained', 'tutorial_model']
+           'model_source', 'quantization_config', 'load_processor', 'load_model', 'model_parts', 'lora_targets',
+           'inference_device', 'place_model', 'looks_like_hub_id', 'load_trained', 'tutorial_model']
 
 # %% ../nbs/10_models.ipynb 6
 _TEXT = "{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}{%- for c in m['content'] -%}{%- if c['type'] == 'text' -%}{{ c['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}"
@@ -68,6 +69,8 @@ class Family:
     processor_kwargs: dict = field(default_factory=dict)  # keyword arguments always passed to the processor call
     auto_class: str = "AutoModelForImageTextToText"  # transformers auto class used to load it
     remote_code: bool = False  # needs `trust_remote_code` (loaded only when the user passes it)
+    processor_wrapper: Callable | None = None  # wraps the loaded tokenizer into a processor (Qwen-VL: `QwenVLProcessor`)
+    labels: str = "assistant"  # tokens learned: 'assistant' (answers and their end-of-turn) | 'chatml-markers' (also every turn's <|im_start|>, <|im_end|> and newline, as Qwen-VL's finetune.py)
     tiny: Callable | None = None  # builder of a tiny random model: (tokenizer, image_size, hidden, layers, patch) -> (model, processor)
     tiny_patch: int = 8  # tiny models' patch size: 64 image tokens at 64 px for every family (Qwen/InternVL merge 2x2)
 
@@ -173,8 +176,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("qwen-vl", "Qwen/Qwen-VL-Chat", model_types=("qwen",), vision="transformer.visual",
            projector="transformer.visual.attn_pool", lm="transformer.h", lm_lora=("c_attn", "attn.c_proj", "w1", "w2"),
            vision_lora=("in_proj", "out_proj", "c_fc", "c_proj"), projector_lora=("kv_proj",),
-           image_token="<img></img>", end_token="<|im_end|>", pad_token="<|endoftext|>",
-           auto_class="AutoModelForCausalLM", remote_code=True),
+           image_token="<img>", end_token="<|im_end|>", pad_token="<|endoftext|>",
+           auto_class="AutoModelForCausalLM", remote_code=True, processor_wrapper=QwenVLProcessor, labels="chatml-markers"),
     Family("internlm-xcomposer2", "internlm/internlm-xcomposer2-vl-7b", model_types=("internlmxcomposer2",),
            vision="vit", projector="vision_proj", lm="model", lm_head="output",
            lm_lora=("wqkv", "wo", "w1", "w2", "w3"), vision_lora=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
@@ -236,7 +239,9 @@ def tiny_model(family: str = "llava",  # family name (see `FAMILIES`)
     "A tiny random (model, processor) of `family`, built offline from configs."
     import torch
     fam = get_family(family)
-    if fam.tiny is None: raise PathinsightError(f"family {fam.name!r} has no tiny config (remote-code families are loaded from the hub only)")
+    if fam.remote_code:  # the real architecture from its remote code (tests: shared/remote-code); `out_dir` gets code, config and weights
+        return tiny_remote_model(fam.name, out_dir, seed=seed)
+    if fam.tiny is None: raise PathinsightError(f"family {fam.name!r} has no tiny config")
     tok = tiny_tokenizer(fam, texts)
     torch.manual_seed(seed)
     model, proc = fam.tiny(tok, image_size=image_size, hidden=hidden, layers=layers, patch=patch or fam.tiny_patch)
@@ -317,6 +322,15 @@ def quantization_config(fam: "Family", compute_dtype: str = "auto"):
         llm_int8_skip_modules=[fam.lm_head, fam.projector])  # full paths: matched from the start of module names
 
 # %% ../nbs/10_models.ipynb 25
+def load_processor(src: str, fam: "Family",  # model folder or hub id; its family
+                   trust_remote_code: bool = False, local_files_only: bool = True):  # allow remote code; do not try the hub
+    "The processor saved with a model: `AutoProcessor`, or the tokenizer (wrapped by the family's `processor_wrapper`) for causal-LM families."
+    import transformers
+    loader = transformers.AutoProcessor if fam.auto_class == "AutoModelForImageTextToText" else transformers.AutoTokenizer
+    with font_free_import() if fam.remote_code else contextlib.nullcontext():
+        processor = loader.from_pretrained(src, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
+    return fam.processor_wrapper(processor) if fam.processor_wrapper else processor
+
 def load_model(spec_or_dir: str | Path,  # family name, hub id or local directory
                family: str | None = None,  # family (default: read from config.json or the spec)
                dtype: str = "auto",  # torch dtype name: auto | float32 | bfloat16 | float16
@@ -335,14 +349,15 @@ def load_model(spec_or_dir: str | Path,  # family name, hub id or local director
     if load_in_4bit:
         kw["quantization_config"] = quantization_config(fam, compute_dtype)
         kw.setdefault("device_map", "cpu" if not torch.cuda.is_available() else {"": int(os.environ.get("LOCAL_RANK", 0))})  # this process's GPU
-    loader = transformers.AutoProcessor if fam.auto_class == "AutoModelForImageTextToText" else transformers.AutoTokenizer
     try:
         with offline_hub(files_only and not is_dir):
+            if fam.remote_code: prepare_remote(fam.name, src, files_only)  # version check and the patches of its hub code
             model = getattr(transformers, fam.auto_class).from_pretrained(src, **kw)
-            processor = loader.from_pretrained(src, trust_remote_code=trust_remote_code, local_files_only=files_only)
+            processor = load_processor(src, fam, trust_remote_code, files_only)
     except OSError as e:
         where = "" if is_dir else " (a hub id)"
         raise PathinsightError(f"cannot load model {src}{where}: {str(e).splitlines()[0]}") from None
+    if fam.remote_code: finish_remote(fam.name, model)
     if load_in_4bit: disable_bnb_cpu_repack(model)
     model.eval()
     return model, processor, fam
@@ -419,8 +434,7 @@ def load_trained(path,  # a trained output directory (full model or LoRA adapter
     model = PeftModel.from_pretrained(model, str(path))
     if merge: model = model.merge_and_unload()
     if (path/"preprocessor_config.json").exists() or (path/"processor_config.json").exists() or (path/"tokenizer_config.json").exists():
-        import transformers
-        processor = transformers.AutoProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+        processor = load_processor(str(path), fam, trust_remote_code)
     model.eval()
     return place_model(model, device), processor, fam
 

@@ -64,6 +64,7 @@ class TrainConfig:
     dataloader_num_workers: int = 0  # data-loading worker processes
     report_to: str = "none"  # trackers: none | tensorboard | wandb
     tiny: bool = False  # build a tiny random base model of `family`/`model` instead of loading one (tests, demo)
+    trust_remote_code: bool = False  # allow remote-code families (Qwen-VL-Chat, XComposer2): runs code from the model repository
 
     def __post_init__(self):
         if self.mode not in MODES: raise PathinsightError(f"train config: unknown mode {self.mode!r} (expected one of {MODES})")
@@ -340,7 +341,8 @@ def train(cfg: TrainConfig | dict | str | None = None,  # config, dict or YAML/J
     if eval_examples is None and cfg.eval_data: eval_examples = read_examples(cfg.eval_data, cfg.image_root or None, cfg.seed)
     if model is None:
         if cfg.tiny: cfg.model = _tiny_base(cfg, out_dir, train_examples)
-        model, processor, fam = load_model(cfg.model, cfg.family or None, load_in_4bit=cfg.mode == "qlora", compute_dtype=cfg.compute_dtype or "auto")
+        model, processor, fam = load_model(cfg.model, cfg.family or None, load_in_4bit=cfg.mode == "qlora", compute_dtype=cfg.compute_dtype or "auto",
+                                           trust_remote_code=cfg.trust_remote_code)
     fam = get_family(cfg.family or model)
     if cfg.mode == "qlora" and not any(type(m).__name__ == "Linear4bit" for m in model.modules()):
         raise PathinsightError("qlora mode needs a 4-bit model: load it with load_model(..., load_in_4bit=True)")
@@ -426,13 +428,15 @@ def train_cmd(config: str = "",  # YAML/JSON file of TrainConfig keys ('' = defa
               learning_rate: float = 0.0,  # peak learning rate (0: from the config)
               freeze_vision: bool = False,  # freeze the vision tower (paper: trainable)
               tiny: bool = False,  # use a tiny random model of the `model` family (demo / smoke test)
-              resume: bool = False):  # resume from the latest checkpoint in output_dir
+              resume: bool = False,  # resume from the latest checkpoint in output_dir
+              trust_remote_code: bool = False):  # allow remote-code families (Qwen-VL-Chat, XComposer2)
     "Fine-tune a vision-language model (LoRA / QLoRA / full) on pathinsight data."
     over = {k: v for k, v in dict(data=data, model=model, mode=mode, output_dir=output_dir, max_steps=max_steps,
                                   num_train_epochs=num_train_epochs, learning_rate=learning_rate).items() if v}
     if freeze_vision: over["freeze_vision"] = True
     if tiny: over["tiny"] = True
     if resume: over["resume_from_checkpoint"] = "latest"
+    if trust_remote_code: over["trust_remote_code"] = True
     cfg = load_config(TrainConfig, config or None, **over)
     res = train(cfg)
     out = {k: v for k, v in res.items() if k not in ("model", "processor", "log_history")}
