@@ -362,7 +362,7 @@ def load_model(spec_or_dir: str | Path,  # family name, hub id or local director
     model.eval()
     return model, processor, fam
 
-# %% ../nbs/10_models.ipynb 29
+# %% ../nbs/10_models.ipynb 31
 def _prefix(model, fam: Family, path: str) -> str:
     "The name prefix of module `path` in `model`'s `named_parameters` (handles PEFT wrappers)."
     names = dict(model.named_modules())
@@ -398,7 +398,7 @@ def lora_targets(model, family: str | Family | None = None,
             if any(n == pre + l or n.endswith("." + l) for l in leaves[part]): out.append(n); break
     return out
 
-# %% ../nbs/10_models.ipynb 31
+# %% ../nbs/10_models.ipynb 33
 def inference_device(device: str = "auto") -> str:
     "`device`, or for 'auto' cuda when a GPU is available, else cpu."
     if device != "auto": return device
@@ -438,7 +438,7 @@ def load_trained(path,  # a trained output directory (full model or LoRA adapter
     model.eval()
     return place_model(model, device), processor, fam
 
-# %% ../nbs/10_models.ipynb 37
+# %% ../nbs/10_models.ipynb 39
 def tutorial_model(family: str = "llava",  # model family (see `FAMILIES`)
                    tiny_dir=None,  # where to build the tiny fallback (default: a temporary folder)
                    hub: bool | None = None,  # hub reachable (None: check)
