@@ -64,11 +64,12 @@ def build_app(answerers: dict,  # model name -> answerer function
 # %% ../nbs/18_app.ipynb 11
 def model_answerer(model_dir: str,  # a saved model + processor directory (e.g. the demo's tuned model)
                    max_new_tokens: int = 64,  # answer length limit
+                   trust_remote_code: bool = False,  # allow remote-code families (Qwen-VL-Chat, XComposer2)
                   ) -> Answerer:
     "An answerer function backed by the model saved in `model_dir`."
     from pathinsight.models import load_trained
     from pathinsight.infer import ask
-    model, processor, _ = load_trained(model_dir)
+    model, processor, _ = load_trained(model_dir, trust_remote_code=trust_remote_code)
     return lambda image, question: ask(model, processor, image, question, max_new_tokens=max_new_tokens)
 
 def serve_cmd(*, model: str,  # model to serve: a trained output directory, or a hub id / family name (an untuned base)
@@ -77,10 +78,11 @@ def serve_cmd(*, model: str,  # model to serve: a trained output directory, or a
               port: int = 7860,  # port to listen on
               max_new_tokens: int = 64,  # answer length limit
               block: bool = True,  # keep serving until interrupted
+              trust_remote_code: bool = False,  # allow remote-code families (Qwen-VL-Chat, XComposer2)
              ):
     "Serve a Gradio chat app for one model, or two side by side."
-    answerers = {Path(model).name or "model": model_answerer(model, max_new_tokens)}
-    if compare: answerers[(Path(compare).name or "compare") + " "] = model_answerer(compare, max_new_tokens)
+    answerers = {Path(model).name or "model": model_answerer(model, max_new_tokens, trust_remote_code)}
+    if compare: answerers[(Path(compare).name or "compare") + " "] = model_answerer(compare, max_new_tokens, trust_remote_code)
     demo = build_app(answerers)
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=not block)
     return demo

@@ -58,7 +58,21 @@ def prompt_text(processor, turns: list[dict], where: str = "example") -> str:
     "The text a model is asked to continue: `turns` rendered with the image and the generation prompt."
     return render_chat(processor, to_messages(turns, where=where), generation_prompt=True)
 
-def chat_pieces(processor, msgs: list[dict], where: str = "example") -> list[tuple[str, bool]]:
+def _message_text(m: dict) -> str:
+    c = m["content"]
+    return c if isinstance(c, str) else "".join(p.get("text", "") for p in c if p.get("type") == "text")
+
+def _cut_answer(piece: str, answer: str, label_end: str | None, where: str) -> list[tuple[str, bool]]:
+    "The template's text `piece` for `answer` as [(labelled, True), (rest, False)]: cut after `label_end`, inserted when missing."
+    if label_end is None: return [(piece, True)]
+    i = piece.find(answer)
+    if i < 0: raise PathinsightError(f"{where}: the chat template does not render the answer verbatim; cannot locate assistant tokens")
+    j = i + len(answer); rest = piece[j:]
+    if rest.startswith(label_end): rest = rest[len(label_end):]
+    return [(piece[:j] + label_end, True)] + ([(rest, False)] if rest else [])
+
+def chat_pieces(processor, msgs: list[dict], where: str = "example",
+                label_end: str | None = None) -> list[tuple[str, bool]]:  # text labelled after each answer (None: the template's answer piece)
     "[(text, is_answer)] covering the rendered conversation `msgs`; refuses a template that is not prefix-stable."
     pieces, prev = [], ""
     for k, m in enumerate(msgs):
@@ -66,16 +80,22 @@ def chat_pieces(processor, msgs: list[dict], where: str = "example") -> list[tup
         p, s = render_chat(processor, msgs[:k], True), render_chat(processor, msgs[:k + 1])
         if not (p.startswith(prev) and s.startswith(p)):
             raise PathinsightError(f"{where}: the chat template is not prefix-stable; cannot locate assistant tokens")
-        pieces += [(p[len(prev):], False), (s[len(p):], True)]; prev = s
+        pieces += [(p[len(prev):], False), *_cut_answer(s[len(p):], _message_text(m), label_end, where)]; prev = s
     if not pieces: raise EncodeRejected("no_answer", f"{where}: no assistant turn to learn from")
     full = render_chat(processor, msgs)
     if full.startswith(prev) and len(full) > len(prev): pieces.append((full[len(prev):], False))
-    return pieces
+    out = []  # adjacent unlabelled pieces (the rest of an answer's turn, the next prompt) are one piece
+    for t, a in pieces:
+        if out and not a and not out[-1][1] and len(out) > 1: out[-1] = (out[-1][0] + t, False)
+        elif t or a: out.append((t, a))
+    return out
 
-def answer_text(processor, prompt_turns: list[dict], answer: str, where: str = "example") -> str:
-    "The text the chat template puts after the prompt for `answer` (the answer and its end-of-turn)."
+def answer_text(processor, prompt_turns: list[dict], answer: str, where: str = "example",
+                family=None) -> str:  # family whose `label_end` closes the answer (None: the template's answer piece)
+    "The labelled text that follows the prompt for `answer` (the answer and its end-of-turn)."
     msgs = to_messages(prompt_turns, where=where) + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
-    return chat_pieces(processor, msgs, where)[-1][0]
+    label_end = get_family(family).label_end if family is not None else None
+    return next(t for t, a in reversed(chat_pieces(processor, msgs, where, label_end)) if a)
 
 # %% ../nbs/11_encode.ipynb 12
 def image_token_ids(processor) -> set[int]:
@@ -153,10 +173,10 @@ def encode_example(example: dict, processor, family=None,  # example {image, tur
     turns = _check_turns(example, processor, fam, where)
     img = example_image(example.get("image"), image_root, where)
     if augment is not None: img = augment(img)
-    pieces = chat_pieces(processor, to_messages(turns, where=where), where)
+    pieces = chat_pieces(processor, to_messages(turns, where=where), where, fam.label_end if fam else None)
     return _truncate(_tokens_and_labels(processor, fam, pieces, img), processor, max_length, where)
 
-# %% ../nbs/11_encode.ipynb 21
+# %% ../nbs/11_encode.ipynb 23
 def flip_rotate(img):
     "Random horizontal flip and 90-degree rotation (tissue has no orientation); uses torch's RNG."
     import torch
@@ -181,7 +201,7 @@ class VLMDataset:
     def __getitem__(self, i):
         return encode_example(self.examples[i], self.processor, self.family, self.max_length, self.image_root, self.augment)
 
-# %% ../nbs/11_encode.ipynb 22
+# %% ../nbs/11_encode.ipynb 24
 class GroupedSampler:
     "Random batches of similar lengths: shuffle, sort within mega-batches by length bucket, shuffle the batches; seeded by seed+epoch."
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, mega: int = 50, bucket: int = 16):
@@ -214,7 +234,7 @@ def random_batches(n: int, batch_size: int, seed: int = 0) -> list[list[int]]:
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return [idx[j:j + batch_size] for j in range(0, n, batch_size)]
 
-# %% ../nbs/11_encode.ipynb 24
+# %% ../nbs/11_encode.ipynb 26
 class VLMCollator:
     "Pads encoded examples (or encodes raw ones first) into a batch; image inputs are concatenated."
     def __init__(self, processor, family=None, max_length: int = 2048, image_root=None, padding_side: str = "right"):
@@ -244,7 +264,7 @@ class VLMCollator:
             else: out[k] = torch.cat([b[k] for b in batch])
         return out
 
-# %% ../nbs/11_encode.ipynb 27
+# %% ../nbs/11_encode.ipynb 29
 def encode_prompts(processor, family, examples: list[dict],  # processor, family, examples {image, turns}
                    image_root=None) -> dict:  # base of relative image paths
     "The left-padded batch of the examples' prompts (up to the last user turn) with their images."

@@ -303,6 +303,7 @@ def eval_cmd(*, model: str,  # saved model or LoRA adapter directory (with its p
              limit: int = 0,  # evaluate only the first N records (0 = all)
              prompt_seed: int | None = None,  # seed of the prompt wording (default: the training seed in pathinsight_train.json, else 0)
              load_in_4bit: bool = False,  # load the (base) model in 4-bit nf4 (a 7B model on a GPU under 24 GiB)
+             trust_remote_code: bool = False,  # allow remote-code families (Qwen-VL-Chat, XComposer2): runs code from the model repository
             ):
     "Generate answers for the references with a saved model and score them (metrics.json in OUT)."
     check_model_dir(model)
@@ -313,7 +314,7 @@ def eval_cmd(*, model: str,  # saved model or LoRA adapter directory (with its p
     from pathinsight.models import load_trained
     if prompt_seed is None: prompt_seed = training_seed(model)
     examples = [to_conversation(r, seed=prompt_seed) for r in recs]
-    m, proc, _ = load_trained(model, load_in_4bit=load_in_4bit)
+    m, proc, _ = load_trained(model, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     predict(m, proc, examples, out/"predictions.jsonl", batch_size=batch_size, max_new_tokens=max_new_tokens, image_root=root)
     res = score_run(out/"predictions.jsonl", data, out, name=name, split=split, model=model, records=recs)

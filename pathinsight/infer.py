@@ -44,7 +44,7 @@ def option_scores(model, processor, example: dict, options: list[str],  # model,
     turns, _ = split_prompt(example["turns"], where)
     enc = encode_prompts(processor, fam, [example] * len(options), image_root)
     tok = processor.tokenizer
-    ans = [tok(answer_text(processor, turns, o, where), add_special_tokens=False)["input_ids"] for o in options]
+    ans = [tok(answer_text(processor, turns, o, where, fam), add_special_tokens=False)["input_ids"] for o in options]
     T = max(map(len, ans)); B, P = enc["input_ids"].shape
     a_ids = torch.full((B, T), tok.pad_token_id, dtype=enc["input_ids"].dtype); a_mask = torch.zeros((B, T), dtype=enc["attention_mask"].dtype)
     for i, a in enumerate(ans): a_ids[i, :len(a)] = torch.tensor(a); a_mask[i, :len(a)] = 1

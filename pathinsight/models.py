@@ -20,34 +20,23 @@ _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 _warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # %% auto 0
-__all__ = ['LLAVA_TEMPLATE', 'QWEN2VL_TEMPLATE', 'INTERNVL_TEMPLATE', 'FAMILIES', 'DEFAULT_TEXTS', 'Family', 'get_family',
-           'tiny_tokenizer', 'tiny_model', 'save_model', 'disable_bnb_cpu_repack', 'default_compute_dtype',
-           'model_source', 'quantization_config', 'load_processor', 'load_model', 'model_parts', 'lora_targets',
-           'inference_device', 'place_model', 'looks_like_hub_id', 'load_trained', 'tutorial_model']
+__all__ = ['LLAVA_TEMPLATE', 'QWEN2VL_TEMPLATE', 'INTERNVL_TEMPLATE', 'FAMILIES', 'DEFAULT_TEXTS', 'read_template', 'Family',
+           'get_family', 'tiny_tokenizer', 'tiny_model', 'save_model', 'disable_bnb_cpu_repack',
+           'default_compute_dtype', 'model_source', 'quantization_config', 'load_processor', 'load_model',
+           'model_parts', 'lora_targets', 'inference_device', 'place_model', 'looks_like_hub_id', 'load_trained',
+           'tutorial_model']
 
 # %% ../nbs/10_models.ipynb 6
-_TEXT = "{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}{%- for c in m['content'] -%}{%- if c['type'] == 'text' -%}{{ c['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}"
-_IMAGES = "{%- if m['content'] is not string -%}{%- for c in m['content'] -%}{%- if c['type'] == 'image' -%}{{ IMG }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+def read_template(name: str) -> str:
+    "The chat template shipped as `pathinsight/templates/<name>.jinja` (a verbatim copy of a released checkpoint's)."
+    from importlib.resources import files
+    return files("pathinsight").joinpath("templates", f"{name}.jinja").read_bytes().decode("utf-8")
 
-LLAVA_TEMPLATE = (
-    "{%- for m in messages -%}"
-    "{%- if m['role'] == 'system' -%}" + _TEXT + "{{ ' ' }}"
-    "{%- elif m['role'] == 'user' -%}{{ 'USER: ' }}" + _IMAGES.replace("{{ IMG }}", "{{ '<image>\\n' }}") + _TEXT + "{{ ' ' }}"
-    "{%- else -%}{{ 'ASSISTANT: ' }}" + _TEXT + "{{ '</s>' }}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}")
+LLAVA_TEMPLATE = read_template("llava")  # llava-hf/llava-1.5-7b-hf chat_template.json
+QWEN2VL_TEMPLATE = read_template("qwen2-vl")  # Qwen/Qwen2-VL-7B-Instruct chat_template.json (Qwen2.5-VL too)
+INTERNVL_TEMPLATE = read_template("internvl")  # OpenGVLab/InternVL3-8B-hf chat_template.jinja
 
-def _chatml_template(image: str, system: str = "") -> str:
-    "A ChatML template (Qwen2-VL, InternVL) whose image parts render as `image`."
-    sys = ("{%- if messages[0]['role'] != 'system' -%}{{ '<|im_start|>system\\n" + system + "<|im_end|>\\n' }}{%- endif -%}") if system else ""
-    return (sys + "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' }}"
-            + _IMAGES.replace("{{ IMG }}", "{{ '" + image + "' }}") + _TEXT + "{{ '<|im_end|>\\n' }}{%- endfor -%}"
-            "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
-
-QWEN2VL_TEMPLATE = _chatml_template("<|vision_start|><|image_pad|><|vision_end|>", "You are a helpful assistant.")
-INTERNVL_TEMPLATE = _chatml_template("<IMG_CONTEXT>\\n")
-
-# %% ../nbs/10_models.ipynb 8
+# %% ../nbs/10_models.ipynb 9
 @dataclass
 class Family:
     "Everything pathinsight needs to know about one vision-language model family."
@@ -64,8 +53,11 @@ class Family:
     image_token: str = "<image>"  # placeholder the chat template writes for one image (before expansion)
     end_token: str = "</s>"  # end-of-turn token that closes an assistant answer (generation stops on it)
     pad_token: str = "<pad>"  # padding token (never the end token, so masking pads never hides an end)
+    bos_token: str | None = None  # beginning-of-sequence token of the checkpoint's tokenizer (None: it has none)
+    tokens: tuple = ()  # the checkpoint's special tokens that its template and processor use (tiny tokenizers get them)
+    label_end: str | None = None  # text after an answer that the official fine-tuning recipe labels (inserted when the template omits it)
     special_tokens: dict = field(default_factory=dict)  # extra tokenizer attributes the processor reads (name -> token)
-    chat_template: str = ""  # Jinja chat template (tiny models; real checkpoints ship their own)
+    chat_template: str = ""  # the checkpoint's Jinja chat template (tiny models carry it; real checkpoints ship it)
     processor_kwargs: dict = field(default_factory=dict)  # keyword arguments always passed to the processor call
     auto_class: str = "AutoModelForImageTextToText"  # transformers auto class used to load it
     remote_code: bool = False  # needs `trust_remote_code` (loaded only when the user passes it)
@@ -83,7 +75,7 @@ class Family:
             m = getattr(m, p)
         return m
 
-# %% ../nbs/10_models.ipynb 10
+# %% ../nbs/10_models.ipynb 11
 def _tiny_llava(tok, image_size=64, hidden=32, layers=2, patch=8):
     from transformers import (LlavaConfig, CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration,
                               CLIPImageProcessor, LlavaProcessor)
@@ -102,7 +94,7 @@ def _tiny_llava(tok, image_size=64, hidden=32, layers=2, patch=8):
                           num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
     return model, proc
 
-# %% ../nbs/10_models.ipynb 11
+# %% ../nbs/10_models.ipynb 12
 def _tiny_qwen2vl(tok, image_size=64, hidden=32, layers=2, patch=8, v25=False):
     import transformers as tf
     heads = 2; head_dim = hidden // heads
@@ -128,7 +120,7 @@ def _tiny_qwen2vl(tok, image_size=64, hidden=32, layers=2, patch=8, v25=False):
     proc = P(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=QWEN2VL_TEMPLATE)
     return model, proc
 
-# %% ../nbs/10_models.ipynb 12
+# %% ../nbs/10_models.ipynb 13
 def _tiny_internvl(tok, image_size=64, hidden=32, layers=2, patch=8):
     import transformers as tf
     n_img = (image_size // patch) ** 2 // 4  # downsample_ratio 0.5 -> a quarter of the patches
@@ -149,29 +141,36 @@ def _tiny_internvl(tok, image_size=64, hidden=32, layers=2, patch=8):
                                 chat_template=INTERNVL_TEMPLATE)
     return model, proc
 
-# %% ../nbs/10_models.ipynb 14
+# %% ../nbs/10_models.ipynb 15
 _CHATML = dict(end_token="<|im_end|>", pad_token="<|endoftext|>")
 _QWEN_SPECIAL = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+_QWEN_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                "<|image_pad|>", "<|video_pad|>")  # Qwen2-VL-7B-Instruct's tokenizer (151643...)
+_INTERNVL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")  # InternVL3-hf's
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
-    Family("llava", "llava-hf/llava-1.5-7b-hf", model_types=("llava",),
+    Family("llava", "llava-hf/llava-1.5-7b-hf", model_types=("llava",), bos_token="<s>",
+           tokens=("<unk>", "<s>", "</s>", "<image>", "<pad>"), label_end="</s>",
            special_tokens={"image_token": "<image>"}, chat_template=LLAVA_TEMPLATE, tiny=_tiny_llava),
     Family("qwen2-vl", "Qwen/Qwen2-VL-7B-Instruct", model_types=("qwen2_vl",),
            vision="model.visual", projector="model.visual.merger", vision_lora=("qkv", "proj", "fc1", "fc2"),
            projector_lora=("mlp.0", "mlp.2"), image_token="<|vision_start|><|image_pad|><|vision_end|>",
-           special_tokens=_QWEN_SPECIAL, chat_template=QWEN2VL_TEMPLATE, tiny=_tiny_qwen2vl, tiny_patch=4, **_CHATML),
+           special_tokens=_QWEN_SPECIAL, tokens=_QWEN_TOKENS, label_end="<|im_end|>\n",
+           chat_template=QWEN2VL_TEMPLATE, tiny=_tiny_qwen2vl, tiny_patch=4, **_CHATML),
     Family("qwen2.5-vl", "Qwen/Qwen2.5-VL-7B-Instruct", model_types=("qwen2_5_vl",),
            vision="model.visual", projector="model.visual.merger",
            vision_lora=("qkv", "proj", "gate_proj", "up_proj", "down_proj"), projector_lora=("mlp.0", "mlp.2"),
            image_token="<|vision_start|><|image_pad|><|vision_end|>", special_tokens=_QWEN_SPECIAL,
-           chat_template=QWEN2VL_TEMPLATE, tiny=lambda tok, **kw: _tiny_qwen2vl(tok, v25=True, **kw), tiny_patch=4, **_CHATML),
+           tokens=_QWEN_TOKENS, label_end="<|im_end|>\n", chat_template=QWEN2VL_TEMPLATE,
+           tiny=lambda tok, **kw: _tiny_qwen2vl(tok, v25=True, **kw), tiny_patch=4, **_CHATML),
     Family("internvl", "OpenGVLab/InternVL3-1B-hf", model_types=("internvl",),
            vision_lora=("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2"),
            image_token="<IMG_CONTEXT>", processor_kwargs={"crop_to_patches": False},
            special_tokens={"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
                            "video_token": "<video>"},
-           chat_template=INTERNVL_TEMPLATE, tiny=_tiny_internvl, tiny_patch=4, **_CHATML),
+           tokens=_INTERNVL_TOKENS, label_end="<|im_end|>", chat_template=INTERNVL_TEMPLATE, tiny=_tiny_internvl,
+           tiny_patch=4, **_CHATML),
     # remote-code families: loaded only with trust_remote_code=True, never by default
     Family("qwen-vl", "Qwen/Qwen-VL-Chat", model_types=("qwen",), vision="transformer.visual",
            projector="transformer.visual.attn_pool", lm="transformer.h", lm_lora=("c_attn", "attn.c_proj", "w1", "w2"),
@@ -197,7 +196,7 @@ def get_family(name_or_model) -> Family:
         if key in f.model_types or key == f.hub_id.lower(): return f
     raise PathinsightError(f"unknown model family {name_or_model!r} (known: {sorted(FAMILIES)})")
 
-# %% ../nbs/10_models.ipynb 18
+# %% ../nbs/10_models.ipynb 19
 DEFAULT_TEXTS = ["What type of tissue is shown in this histopathology image?",
                  "Describe the image.", "Is there tumor in this image? yes no",
                  *CRC_CLASSES, *CRC_CLASSES.values()]
@@ -209,8 +208,7 @@ def tiny_tokenizer(family: str | Family, texts: list[str] | None = None,  # fami
     from transformers import PreTrainedTokenizerFast
     fam = get_family(family)
     texts = list(DEFAULT_TEXTS) + list(texts or [])
-    specials = [fam.pad_token, fam.end_token, "<s>", *fam.special_tokens.values(), "<|im_start|>"]
-    if fam.name == "internvl": specials += ["<img>", "</img>"]
+    specials = [*fam.tokens, fam.pad_token, fam.end_token, fam.bos_token, *fam.special_tokens.values()]
     specials = list(dict.fromkeys(s for s in specials if s))
     fixed = ["USER: ", "ASSISTANT: ", "ASSISTANT:", "system\n", "user\n", "assistant\n", "You are a helpful assistant.", "\n"]
     corpus = [t for t in texts for _ in range(3)] + fixed * 20
@@ -223,11 +221,11 @@ def tiny_tokenizer(family: str | Family, texts: list[str] | None = None,  # fami
                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(corpus, tr)
     extra = {k: v for k, v in fam.special_tokens.items()}
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token=fam.end_token, pad_token=fam.pad_token,
-                                  extra_special_tokens=extra)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=fam.bos_token, eos_token=fam.end_token, pad_token=fam.pad_token,
+                                  unk_token="<unk>" if "<unk>" in specials else None, extra_special_tokens=extra)
     return tok
 
-# %% ../nbs/10_models.ipynb 21
+# %% ../nbs/10_models.ipynb 22
 def tiny_model(family: str = "llava",  # family name (see `FAMILIES`)
                out_dir: str | Path | None = None,  # save model + processor here (safetensors) when given
                texts: list[str] | None = None,  # extra tokenizer corpus: prompts, answers, class names
@@ -258,7 +256,7 @@ def save_model(model, processor, out_dir):
     processor.save_pretrained(out_dir)
     return out_dir
 
-# %% ../nbs/10_models.ipynb 23
+# %% ../nbs/10_models.ipynb 24
 def _read_model_type(src: str) -> str | None:
     p = Path(src)/"config.json"
     if p.exists():
@@ -288,7 +286,7 @@ def _hub_model_type(repo_id: str, files_only: bool) -> str | None:
         try: return _read_model_type(Path(hf_hub_download(repo_id, "config.json")).parent)
         except OSError as e: raise PathinsightError(f"cannot read config.json of {repo_id}: {str(e).splitlines()[0]}") from None
 
-# %% ../nbs/10_models.ipynb 24
+# %% ../nbs/10_models.ipynb 25
 def model_source(spec_or_dir: str | Path,  # family name, hub id or local directory
                  family: str | None = None,  # family (default: read from config.json or the spec)
                  local_files_only: bool | None = None,  # None: a directory, or a cached hub id when the hub is down
@@ -310,7 +308,7 @@ def model_source(spec_or_dir: str | Path,  # family name, hub id or local direct
 
 def _refuse_remote_code(fam: "Family", src: str, trusted: bool):
     if fam.remote_code and not trusted:
-        raise PathinsightError(f"family {fam.name!r} ({src}) runs code from the model repository: pass trust_remote_code=True to allow it")
+        raise PathinsightError(f"family {fam.name!r} ({src}) runs code from the model repository: pass --trust-remote-code (trust_remote_code=True) to allow it")
 
 def quantization_config(fam: "Family", compute_dtype: str = "auto"):
     "The QLoRA `BitsAndBytesConfig`: nf4, double quantisation; projector and head left unquantised."
@@ -321,7 +319,7 @@ def quantization_config(fam: "Family", compute_dtype: str = "auto"):
         bnb_4bit_compute_dtype=getattr(torch, default_compute_dtype() if compute_dtype == "auto" else compute_dtype),
         llm_int8_skip_modules=[fam.lm_head, fam.projector])  # full paths: matched from the start of module names
 
-# %% ../nbs/10_models.ipynb 25
+# %% ../nbs/10_models.ipynb 26
 def load_processor(src: str, fam: "Family",  # model folder or hub id; its family
                    trust_remote_code: bool = False, local_files_only: bool = True):  # allow remote code; do not try the hub
     "The processor saved with a model: `AutoProcessor`, or the tokenizer (wrapped by the family's `processor_wrapper`) for causal-LM families."
@@ -362,7 +360,7 @@ def load_model(spec_or_dir: str | Path,  # family name, hub id or local director
     model.eval()
     return model, processor, fam
 
-# %% ../nbs/10_models.ipynb 31
+# %% ../nbs/10_models.ipynb 32
 def _prefix(model, fam: Family, path: str) -> str:
     "The name prefix of module `path` in `model`'s `named_parameters` (handles PEFT wrappers)."
     names = dict(model.named_modules())
@@ -398,7 +396,7 @@ def lora_targets(model, family: str | Family | None = None,
             if any(n == pre + l or n.endswith("." + l) for l in leaves[part]): out.append(n); break
     return out
 
-# %% ../nbs/10_models.ipynb 33
+# %% ../nbs/10_models.ipynb 34
 def inference_device(device: str = "auto") -> str:
     "`device`, or for 'auto' cuda when a GPU is available, else cpu."
     if device != "auto": return device
@@ -438,7 +436,7 @@ def load_trained(path,  # a trained output directory (full model or LoRA adapter
     model.eval()
     return place_model(model, device), processor, fam
 
-# %% ../nbs/10_models.ipynb 39
+# %% ../nbs/10_models.ipynb 40
 def tutorial_model(family: str = "llava",  # model family (see `FAMILIES`)
                    tiny_dir=None,  # where to build the tiny fallback (default: a temporary folder)
                    hub: bool | None = None,  # hub reachable (None: check)
