@@ -306,6 +306,8 @@ def eval_cmd(*, model: str,  # saved model or LoRA adapter directory (with its p
              trust_remote_code: bool = False,  # allow remote-code families (Qwen-VL-Chat, XComposer2): runs code from the model repository
             ):
     "Generate answers for the references with a saved model and score them (metrics.json in OUT)."
+    from pathinsight.models import check_trust
+    check_trust(model, trust_remote_code=trust_remote_code)
     check_model_dir(model)
     recs, root = read_dataset(data, split)
     if limit: recs = recs[:limit]

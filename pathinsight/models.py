@@ -22,9 +22,9 @@ _warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is depr
 # %% auto 0
 __all__ = ['LLAVA_TEMPLATE', 'QWEN2VL_TEMPLATE', 'INTERNVL_TEMPLATE', 'FAMILIES', 'DEFAULT_TEXTS', 'read_template', 'Family',
            'get_family', 'tiny_tokenizer', 'tiny_model', 'save_model', 'disable_bnb_cpu_repack',
-           'default_compute_dtype', 'model_source', 'quantization_config', 'load_processor', 'load_model',
-           'model_parts', 'lora_targets', 'inference_device', 'place_model', 'looks_like_hub_id', 'load_trained',
-           'tutorial_model']
+           'default_compute_dtype', 'model_source', 'check_trust', 'quantization_config', 'load_processor',
+           'load_model', 'model_parts', 'lora_targets', 'inference_device', 'place_model', 'looks_like_hub_id',
+           'load_trained', 'tutorial_model']
 
 # %% ../nbs/10_models.ipynb 6
 def read_template(name: str) -> str:
@@ -309,6 +309,23 @@ def model_source(spec_or_dir: str | Path,  # family name, hub id or local direct
 def _refuse_remote_code(fam: "Family", src: str, trusted: bool):
     if fam.remote_code and not trusted:
         raise PathinsightError(f"family {fam.name!r} ({src}) runs code from the model repository: pass --trust-remote-code (trust_remote_code=True) to allow it")
+
+def check_trust(spec, family: str | None = None,  # model (family name, hub id, model or run directory); its family if known
+                trust_remote_code: bool = False):  # the user's opt-in
+    "Refuse a remote-code family in one line unless trusted, before any data is read or anything downloaded."
+    if trust_remote_code: return
+    p, name = Path(str(spec)), family
+    if not name and p.is_dir():
+        info = p/"pathinsight_train.json"
+        if info.exists():
+            try: name = json.loads(info.read_text()).get("family")
+            except json.JSONDecodeError: name = None
+        if not name: name = _read_model_type(str(p))
+    if not name: name = next((f.name for f in FAMILIES.values() if str(spec).lower() in (f.name, f.hub_id.lower())), None)
+    if not name: return
+    try: fam = get_family(name)
+    except PathinsightError: return
+    _refuse_remote_code(fam, str(spec), False)
 
 def quantization_config(fam: "Family", compute_dtype: str = "auto"):
     "The QLoRA `BitsAndBytesConfig`: nf4, double quantisation; projector and head left unquantised."

@@ -184,7 +184,7 @@ def font_free_import():
         try: yield
         finally: os.chdir(old)
 
-# %% ../nbs/09_remote.ipynb 22
+# %% ../nbs/09_remote.ipynb 24
 def remote_modules(src: str, local_files_only: bool = True) -> list[types.ModuleType]:
     "The remote modules (model and tokenizer code) of the model at `src`, imported by transformers."
     from transformers import AutoConfig
@@ -210,7 +210,7 @@ def finish_remote(family: str, model) -> list[str]:
     "Apply `family`'s model patches to a loaded `model`; returns their names."
     return apply_patches(family, "model", model)
 
-# %% ../nbs/09_remote.ipynb 24
+# %% ../nbs/09_remote.ipynb 26
 QWENVL_SYSTEM = "You are a helpful assistant."  # Qwen-VL-Chat's default system prompt (model.chat and finetune.py)
 QWENVL_IMAGE = "Picture 1: <img></img>\n"  # what the template writes for the image (the path goes between the tags)
 QWENVL_TEMPLATE = (
@@ -245,7 +245,7 @@ def image_file(image, cache_dir=None) -> str:
         image.convert("RGB").save(tmp, format="PNG"); os.replace(tmp, out)  # atomic: a reader never sees half a file
     return str(out.resolve())
 
-# %% ../nbs/09_remote.ipynb 25
+# %% ../nbs/09_remote.ipynb 27
 class QwenVLProcessor:
     "Qwen-VL-Chat's tokenizer with a processor's interface: its ChatML as a chat template, images written to files and named in the text."
     image_token = "<img>"  # text that turns must not contain (it would make the model open a file)
@@ -284,9 +284,16 @@ class QwenVLProcessor:
 
     def batch_decode(self, *a, **kw): return self.tokenizer.batch_decode(*a, **kw)
     def decode(self, *a, **kw): return self.tokenizer.decode(*a, **kw)
-    def save_pretrained(self, out_dir): return self.tokenizer.save_pretrained(out_dir)
+    def save_pretrained(self, out_dir):
+        "Save the tokenizer, without the pad token in its config: QWenTokenizer cannot load one (the processor sets it, as finetune.py does)."
+        out = self.tokenizer.save_pretrained(out_dir)
+        p = Path(out_dir)/"tokenizer_config.json"
+        cfg = json.loads(p.read_text())
+        if cfg.pop("pad_token", None) is not None:
+            tmp = p.with_name(p.name + ".tmp"); tmp.write_text(json.dumps(cfg, indent=2)); os.replace(tmp, p)
+        return out
 
-# %% ../nbs/09_remote.ipynb 27
+# %% ../nbs/09_remote.ipynb 29
 TINY_REMOTE_CONFIGS = {  # config.json keys set on top of the real config for tiny test models
     "qwen-vl": dict(hidden_size=128, intermediate_size=256, kv_channels=64, num_attention_heads=2, num_hidden_layers=2,
                     fp16=False, bf16=False, fp32=True, torch_dtype="float32", use_flash_attn=False,

@@ -9,7 +9,7 @@ from dataclasses import dataclass, asdict
 from pathlib import Path
 from .core import (PathinsightError, get_logger, load_config, read_dataset, read_jsonl, write_json,
                               write_jsonl, atomic_write, seed_everything)
-from .models import get_family, load_model, model_parts, lora_targets, save_model, disable_bnb_cpu_repack, tiny_model
+from .models import check_trust, get_family, load_model, model_parts, lora_targets, save_model, disable_bnb_cpu_repack, tiny_model
 from .encode import GroupedSampler, VLMCollator, VLMDataset, flip_rotate
 
 # %% auto 0
@@ -333,6 +333,7 @@ def train(cfg: TrainConfig | dict | str | None = None,  # config, dict or YAML/J
     import torch
     cfg = cfg if isinstance(cfg, TrainConfig) else load_config(TrainConfig, cfg, **overrides)
     if isinstance(cfg, TrainConfig) and overrides: cfg = TrainConfig(**{**asdict(cfg), **overrides})
+    if model is None: check_trust(cfg.model, cfg.family or None, cfg.trust_remote_code)  # before reading data or building anything
     seed_everything(cfg.seed); torch.manual_seed(cfg.seed)
     out_dir, quiet = Path(cfg.output_dir), bool(os.environ.get("PATHINSIGHT_QUIET"))
     if train_examples is None:
@@ -386,7 +387,7 @@ def merge_cmd(adapter: str,  # LoRA output directory written by `pathinsight tra
     print(f"merged {adapter} into {out}")
     return Path(out)
 
-# %% ../nbs/12_train.ipynb 44
+# %% ../nbs/12_train.ipynb 46
 _FULL_SIZE = dict(gradient_checkpointing=True, save_strategy="epoch", logging_steps=10, group_by_length=True)
 RECIPES = {  # name: TrainConfig keys on top of the paper's defaults
     "llava-1.5-7b-lora": dict(model="llava-hf/llava-1.5-7b-hf", family="llava", mode="lora", lora_r=128, lora_alpha=256, **_FULL_SIZE),
@@ -396,6 +397,14 @@ RECIPES = {  # name: TrainConfig keys on top of the paper's defaults
     "qwen2-vl-7b-full": dict(model="Qwen/Qwen2-VL-7B-Instruct", family="qwen2-vl", mode="full", deepspeed="zero3", **_FULL_SIZE),
     "internvl3-8b-lora": dict(model="OpenGVLab/InternVL3-8B-hf", family="internvl", mode="lora", lora_r=64, lora_alpha=128, **_FULL_SIZE),
     "internvl3-8b-full": dict(model="OpenGVLab/InternVL3-8B-hf", family="internvl", mode="full", deepspeed="zero3", **_FULL_SIZE),
+    # the paper's two remote-code models: their hub code runs (trust_remote_code), patched for transformers 5 (nbs/09_remote)
+    "qwen-vl-chat-lora": dict(model="Qwen/Qwen-VL-Chat", family="qwen-vl", mode="lora", lora_r=64, lora_alpha=128, trust_remote_code=True, **_FULL_SIZE),
+    "qwen-vl-chat-qlora": dict(model="Qwen/Qwen-VL-Chat", family="qwen-vl", mode="qlora", lora_r=64, lora_alpha=128, trust_remote_code=True, **_FULL_SIZE),
+    "qwen-vl-chat-full": dict(model="Qwen/Qwen-VL-Chat", family="qwen-vl", mode="full", deepspeed="zero3", trust_remote_code=True, **_FULL_SIZE),
+    "internlm-xcomposer2-vl-7b-lora": dict(model="internlm/internlm-xcomposer2-vl-7b", family="internlm-xcomposer2", mode="lora",
+                                           lora_r=64, lora_alpha=128, trust_remote_code=True, **_FULL_SIZE),
+    "internlm-xcomposer2-vl-7b-full": dict(model="internlm/internlm-xcomposer2-vl-7b", family="internlm-xcomposer2", mode="full",
+                                           deepspeed="zero3", trust_remote_code=True, **_FULL_SIZE),
 }
 
 def recipe(name: str,  # a key of RECIPES
@@ -417,7 +426,7 @@ def recipe_cmd(name: str,  # recipe: llava-1.5-7b-lora | qwen2-vl-7b-full | inte
           f"{cfg.num_train_epochs:g} epochs, max length {cfg.max_length}")
     return Path(out)
 
-# %% ../nbs/12_train.ipynb 50
+# %% ../nbs/12_train.ipynb 52
 def train_cmd(config: str = "",  # YAML/JSON file of TrainConfig keys ('' = defaults)
               data: str = "",  # training data: built dataset, records, {image, turns} rows or an export (llava, sharegpt, messages)
               model: str = "",  # base model: family name, hub id or directory
@@ -466,7 +475,7 @@ def main(argv: list[str] | None = None):
     res = train(cfg)
     return {k: v for k, v in res.items() if k not in ("model", "processor", "log_history")}
 
-# %% ../nbs/12_train.ipynb 51
+# %% ../nbs/12_train.ipynb 53
 if __name__ == "__main__" and "__file__" in globals() and globals()["__file__"].endswith("train.py"):
     try: main()
     except PathinsightError as e: raise SystemExit(f"error: {e}")
