@@ -13,7 +13,7 @@ from .synth import synth_tile, write_synth
 from .sources import write_pcam_h5
 from .clip import embed_images, load_clip, tiny_clip
 from .chatml import FORMATS, export_records, to_turns
-from .models import disable_bnb_cpu_repack, load_model, tiny_model
+from .models import disable_bnb_cpu_repack, get_family, load_model, tiny_model
 from .train import tiny_recipe, train
 from .encode import split_prompt
 from .infer import generate, rank_options
@@ -147,6 +147,7 @@ def learning_check(family: str = "llava", mode: str = "full",  # model family an
         texts = list(dict.fromkeys([t["content"] for ex in tr + te for t in ex["turns"]] + names))
         base, proc = tiny_model(family, out_dir=tmp/"base", texts=texts, image_size=image_size, hidden=hidden, patch=patch, seed=seed)
         before = accuracy_report(base, proc, te, options=names)
+        overrides.setdefault("trust_remote_code", get_family(family).remote_code)  # remote-code families: the tiny model is built from their code
         cfg = tiny_recipe(mode=mode, model=str(tmp/"base"), output_dir=str(tmp/"run"), max_steps=steps, seed=seed,
                           freeze_vision=freeze_vision, **overrides)
         t0 = time.time(); res = train(cfg, tr); dt = time.time() - t0
