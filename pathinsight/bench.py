@@ -13,7 +13,7 @@ from .synth import synth_tile, write_synth
 from .sources import write_pcam_h5
 from .clip import embed_images, load_clip, tiny_clip
 from .chatml import FORMATS, export_records, to_turns
-from .models import disable_bnb_cpu_repack, load_model, tiny_model
+from .models import disable_bnb_cpu_repack, get_family, load_model, tiny_model
 from .train import tiny_recipe, train
 from .encode import split_prompt
 from .infer import generate, rank_options
@@ -147,6 +147,7 @@ def learning_check(family: str = "llava", mode: str = "full",  # model family an
         texts = list(dict.fromkeys([t["content"] for ex in tr + te for t in ex["turns"]] + names))
         base, proc = tiny_model(family, out_dir=tmp/"base", texts=texts, image_size=image_size, hidden=hidden, patch=patch, seed=seed)
         before = accuracy_report(base, proc, te, options=names)
+        overrides.setdefault("trust_remote_code", get_family(family).remote_code)  # remote-code families: the tiny model is built from their code
         cfg = tiny_recipe(mode=mode, model=str(tmp/"base"), output_dir=str(tmp/"run"), max_steps=steps, seed=seed,
                           freeze_vision=freeze_vision, **overrides)
         t0 = time.time(); res = train(cfg, tr); dt = time.time() - t0
@@ -265,7 +266,7 @@ def learning_grid(families=("llava", "qwen2-vl", "internvl"), modes=GRID_MODES, 
         write_grid(out_dir, res, info)
     return res
 
-# %% ../nbs/17_bench.ipynb 29
+# %% ../nbs/17_bench.ipynb 31
 GENERATE_TARGET = 3.0
 
 def bench_generate(n: int = 256,  # examples
@@ -296,7 +297,7 @@ def bench_generate(n: int = 256,  # examples
     print(describe(res))
     return res
 
-# %% ../nbs/17_bench.ipynb 33
+# %% ../nbs/17_bench.ipynb 35
 def pathenhance_examples(root,  # folder for the synthetic dataset (built there)
                          n: int,  # examples to draw
                          seed: int = 0) -> list[dict]:
@@ -319,10 +320,10 @@ def _train_timer():
         def on_train_end(self, args, state, control, **kw): self.s = time.perf_counter() - self.t0
     return TrainTimer()
 
-# %% ../nbs/17_bench.ipynb 35
+# %% ../nbs/17_bench.ipynb 37
 UNGROUPED = "pathinsight, no length grouping"
 
-# %% ../nbs/17_bench.ipynb 36
+# %% ../nbs/17_bench.ipynb 38
 def _ours_run(base, out, exs, steps, batch_size, max_grad_norm, group: bool = True) -> dict:
     "One pathinsight training run of the tiny model at `base`: seconds, padding waste, steps."
     t = _train_timer()
@@ -360,7 +361,7 @@ def _trl_run(base, out, ds, steps, batch_size, max_grad_norm) -> dict:
     tr.train()
     return {"s": t.s, "padding_waste": 1 - stats["real"] / max(stats["padded"], 1), "steps": tr.state.global_step}
 
-# %% ../nbs/17_bench.ipynb 37
+# %% ../nbs/17_bench.ipynb 39
 def _vs_trl_result(st: dict, exs: list, steps: int, batch_size: int, family: str, max_grad_norm: float, ungrouped: bool) -> dict:
     "The vs-TRL results entry of the timed sides `st`."
     import torch
@@ -380,7 +381,7 @@ def _vs_trl_result(st: dict, exs: list, steps: int, batch_size: int, family: str
                     "theirs": c["theirs"] + f", padding waste {pw['TRL SFTTrainer']:.1%}"}
     return res
 
-# %% ../nbs/17_bench.ipynb 38
+# %% ../nbs/17_bench.ipynb 40
 def bench_vs_trl(n: int = 288,  # training examples
                  steps: int = 100,  # optimiser steps for each trainer
                  batch_size: int = 16,  # per-device batch size
@@ -407,7 +408,7 @@ def bench_vs_trl(n: int = 288,  # training examples
     print(describe(res))
     return res
 
-# %% ../nbs/17_bench.ipynb 42
+# %% ../nbs/17_bench.ipynb 44
 _PEAK = """
 def peak_rss():
     for line in open("/proc/self/status"):
@@ -447,7 +448,7 @@ files = sum(len(fs) for _, _, fs in os.walk(os.path.join(sys.argv[2], "images"))
 print(json.dumps({"n": st["total"]["final"], "s": s, "rss": peak_rss(), "files": files}))
 """
 
-# %% ../nbs/17_bench.ipynb 43
+# %% ../nbs/17_bench.ipynb 45
 def _child(code, *args) -> dict:
     "Run `code` in a fresh Python with `args`; the JSON of its last output line."
     p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
@@ -464,7 +465,7 @@ def pcam_target(workers: int) -> float:
     "The build's minimum patches/s ratio to the bare loop with `workers` encode threads each."
     return PCAM_TARGET[0].get(workers, PCAM_TARGET[1])
 
-# %% ../nbs/17_bench.ipynb 44
+# %% ../nbs/17_bench.ipynb 46
 def bench_pcam_build(n: int = 100_000,  # patches in the generated h5
                      workdir=None,  # where the h5 and the outputs go (default: a temporary folder, removed); an h5 there is reused
                      seed: int = 0,  # pixel seed
@@ -502,7 +503,7 @@ def bench_pcam_build(n: int = 100_000,  # patches in the generated h5
     print(describe(res))
     return res
 
-# %% ../nbs/17_bench.ipynb 48
+# %% ../nbs/17_bench.ipynb 50
 CLIP_TARGET = 1.15
 
 def bench_clip(n_images: int = 48,  # images to embed
@@ -549,7 +550,7 @@ def bench_clip(n_images: int = 48,  # images to embed
     print(describe(res))
     return res
 
-# %% ../nbs/17_bench.ipynb 53
+# %% ../nbs/17_bench.ipynb 55
 EXPORT_TARGET = 10_000
 
 def bench_export(n: int = 50_000,  # records per format
@@ -590,7 +591,7 @@ def bench_export(n: int = 50_000,  # records per format
     print(describe(res))
     return res
 
-# %% ../nbs/17_bench.ipynb 57
+# %% ../nbs/17_bench.ipynb 59
 _BENCH_WORDS = ("the tissue shows glands stroma tumour cells nuclei mitoses necrosis mucin fat lymphocytes "
                 "muscle normal colonic mucosa with of and in high grade atypia invasive adenocarcinoma "
                 "H&E, stained; section. Benign! pleomorphic").split()
@@ -626,7 +627,7 @@ def library_caption_metrics(preds: list[str], refs: list[str]) -> dict:
     n = len(preds)
     return {"bleu1": math.fsum(b) / n, "bleu1_corpus": corpus, "rouge1": math.fsum(r1) / n, "rougeL": math.fsum(rl) / n}
 
-# %% ../nbs/17_bench.ipynb 58
+# %% ../nbs/17_bench.ipynb 60
 def bench_metrics(n: int = 10_000,  # caption pairs
                   seed: int = 0,  # seed of the pairs
                   repeats: int = 3, warmup: int = 1,  # timed and untimed rounds of each side
@@ -649,7 +650,7 @@ def bench_metrics(n: int = 10_000,  # caption pairs
     print(describe(res) + f" (max |difference| {diff:.1e})")
     return res
 
-# %% ../nbs/17_bench.ipynb 62
+# %% ../nbs/17_bench.ipynb 64
 DEMO_TARGET_MIN = 6.0
 
 def bench_demo(steps: int | None = None,  # training steps (None: the demo's default, as a new user runs it)
@@ -682,7 +683,7 @@ def bench_demo(steps: int | None = None,  # training steps (None: the demo's def
     print(describe(res))
     return res
 
-# %% ../nbs/17_bench.ipynb 66
+# %% ../nbs/17_bench.ipynb 68
 def bench_learning_grid(out_dir=None,  # folder for learning_grid.csv / .md
                         workers: int = 2,  # runs in parallel
                         **kw) -> dict:
@@ -714,7 +715,7 @@ BENCHMARKS = {  # name: (function, toy-size arguments[, full-size arguments]); t
 }
 QUICK_BENCHMARKS = ("generate", "metrics", "export", "clip", "vs_trl", "pcam_build")  # the default of `bench_cmd`
 
-# %% ../nbs/17_bench.ipynb 67
+# %% ../nbs/17_bench.ipynb 69
 def _cell(s) -> str: return str(s).replace("|", "\\|").replace("\n", " ")
 
 def results_markdown(results: dict) -> str:
@@ -745,7 +746,7 @@ def results_markdown(results: dict) -> str:
         lines += ["- versions: " + ", ".join(f"{p} {v}" for p, v in e["versions"].items() if v)]
     return "\n".join(lines) + "\n"
 
-# %% ../nbs/17_bench.ipynb 68
+# %% ../nbs/17_bench.ipynb 70
 def record_results(out,  # results folder
                    entries: dict,  # {benchmark name: entry}
                   ) -> dict:
@@ -760,7 +761,7 @@ def record_results(out,  # results folder
 
 def _jsonable(x): return json.loads(json.dumps(x, default=str))
 
-# %% ../nbs/17_bench.ipynb 69
+# %% ../nbs/17_bench.ipynb 71
 def bench_cmd(names: list = None,  # benchmarks to run (default: the quick ones: generate metrics export clip vs_trl pcam_build; also pcam_build_1thread, demo, learning_grid)
               out: str = "benchmarks",  # folder of results.md and results.json (merged: a rerun replaces only its entries)
               repeats: int = 3,  # timed repetitions of each side, after one warm-up round

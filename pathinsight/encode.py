@@ -10,8 +10,8 @@ from .models import get_family
 
 # %% auto 0
 __all__ = ['IGNORE', 'EncodeRejected', 'example_image', 'to_messages', 'split_prompt', 'render_chat', 'prompt_text',
-           'chat_pieces', 'answer_text', 'image_token_ids', 'encode_example', 'flip_rotate', 'VLMDataset',
-           'GroupedSampler', 'padding_waste', 'random_batches', 'VLMCollator', 'encode_prompts']
+           'chat_pieces', 'answer_text', 'image_token_ids', 'encode_example', 'encode_samples', 'flip_rotate',
+           'VLMDataset', 'GroupedSampler', 'padding_waste', 'random_batches', 'VLMCollator', 'encode_prompts']
 
 # %% ../nbs/11_encode.ipynb 6
 IGNORE = -100  # label value the loss ignores
@@ -167,8 +167,9 @@ def encode_example(example: dict, processor, family=None,  # example {image, tur
                    max_length: int = 2048,  # longest sequence kept (longer: truncated inside an answer, or rejected)
                    image_root=None,  # base for relative image paths
                    augment=None) -> dict:  # optional callable PIL -> PIL applied to the image
-    "Tensors (1-D, no batch axis) for one example: input ids, attention mask, labels and image inputs."
+    "Tensors (1-D, no batch axis) for one example: input ids, attention mask, labels and image inputs (IXC2: `encode_samples`)."
     fam = get_family(family) if family is not None else None
+    if fam is not None and fam.inputs == "samples": return encode_samples(example, processor, fam, max_length, image_root, augment)
     where = f"example {example.get('id', '?')!r}"
     turns = _check_turns(example, processor, fam, where)
     img = example_image(example.get("image"), image_root, where)
@@ -176,7 +177,26 @@ def encode_example(example: dict, processor, family=None,  # example {image, tur
     pieces = chat_pieces(processor, to_messages(turns, where=where), where, fam.label_end if fam else None)
     return _truncate(_tokens_and_labels(processor, fam, pieces, img), processor, max_length, where)
 
-# %% ../nbs/11_encode.ipynb 23
+# %% ../nbs/11_encode.ipynb 15
+def encode_samples(example: dict, processor, family=None,  # example {image, turns[, id]}, IXC2Processor, family
+                   max_length: int = 2048,  # longest sequence (text + image tokens); longer ones are rejected
+                   image_root=None, augment=None) -> dict:  # base for relative image paths; optional PIL -> PIL augmentation
+    "One example as IXC2 trains on it: {'text_input': conversation ending with </s>, 'image': (1, 3, S, S) pixels, 'length': tokens}."
+    where = f"example {example.get('id', '?')!r}"
+    turns = _check_turns(example, processor, get_family(family) if family else None, where)
+    img = example_image(example.get("image"), image_root, where)
+    if augment is not None: img = augment(img)
+    msgs = to_messages(turns, where=where)
+    if not any(m["role"] == "assistant" for m in msgs): raise EncodeRejected("no_answer", f"{where}: no assistant turn to learn from")
+    text = processor.training_text(render_chat(processor, msgs))
+    if text.startswith("[UNUSED_TOKEN_146]system"):
+        raise EncodeRejected("system_turn", f"{where}: IXC2's label masking (mask_human_targets) assumes user/assistant turns only")
+    parts = processor.part_ids(text)
+    n = sum(map(len, parts)) + processor.image_tokens * (len(parts) - 1)
+    if n > max_length: raise EncodeRejected("too_long", f"{where}: {n} tokens > max_length {max_length} (IXC2 conversations are never cut)")
+    return {"text_input": text, "image": processor.image_transform(img)[None], "length": n}
+
+# %% ../nbs/11_encode.ipynb 25
 def flip_rotate(img):
     "Random horizontal flip and 90-degree rotation (tissue has no orientation); uses torch's RNG."
     import torch
@@ -196,12 +216,12 @@ class VLMDataset:
             try: e = encode_example(ex, processor, family, max_length, image_root)
             except EncodeRejected as r:
                 self.rejections.append(Rejection(str(ex["id"]), ex.get("source", ""), "train", r.reason, r.detail)); continue
-            self.examples.append(ex); self.lengths.append(int(e["input_ids"].shape[0]))
+            self.examples.append(ex); self.lengths.append(int(e["length"]) if "length" in e else int(e["input_ids"].shape[0]))
     def __len__(self): return len(self.examples)
     def __getitem__(self, i):
         return encode_example(self.examples[i], self.processor, self.family, self.max_length, self.image_root, self.augment)
 
-# %% ../nbs/11_encode.ipynb 24
+# %% ../nbs/11_encode.ipynb 26
 class GroupedSampler:
     "Random batches of similar lengths: shuffle, sort within mega-batches by length bucket, shuffle the batches; seeded by seed+epoch."
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, mega: int = 50, bucket: int = 16):
@@ -234,7 +254,7 @@ def random_batches(n: int, batch_size: int, seed: int = 0) -> list[list[int]]:
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return [idx[j:j + batch_size] for j in range(0, n, batch_size)]
 
-# %% ../nbs/11_encode.ipynb 26
+# %% ../nbs/11_encode.ipynb 28
 class VLMCollator:
     "Pads encoded examples (or encodes raw ones first) into a batch; image inputs are concatenated."
     def __init__(self, processor, family=None, max_length: int = 2048, image_root=None, padding_side: str = "right"):
@@ -244,8 +264,18 @@ class VLMCollator:
     def padding_waste(self) -> float:
         "Fraction of padded positions in the batches collated so far."
         return 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+    def _samples(self, batch: list[dict]) -> dict:
+        "IXC2: one `samples` dict; texts padded with </s> to one token length (the model masks what follows the first </s>)."
+        batch = [b if "text_input" in b else encode_example(b, self.processor, self.family, self.max_length, self.image_root) for b in batch]
+        T = max(b["length"] for b in batch)
+        self.real_tokens += sum(b["length"] for b in batch); self.padded_tokens += T * len(batch)
+        eos = self.processor.tokenizer.eos_token
+        return {"samples": {"text_input": [[b["text_input"] + eos * (T - b["length"])] for b in batch], "data_type": ["multi"],
+                            "image": [b["image"] for b in batch]}}
     def __call__(self, batch: list[dict]) -> dict:
         import torch
+        fam = get_family(self.family) if self.family is not None else None
+        if fam is not None and fam.inputs == "samples": return self._samples(batch)
         batch = [b if "input_ids" in b else encode_example(b, self.processor, self.family, self.max_length, self.image_root) for b in batch]
         pad_id = self.processor.tokenizer.pad_token_id
         T = max(b["input_ids"].shape[0] for b in batch)
@@ -264,7 +294,7 @@ class VLMCollator:
             else: out[k] = torch.cat([b[k] for b in batch])
         return out
 
-# %% ../nbs/11_encode.ipynb 29
+# %% ../nbs/11_encode.ipynb 33
 def encode_prompts(processor, family, examples: list[dict],  # processor, family, examples {image, turns}
                    image_root=None) -> dict:  # base of relative image paths
     "The left-padded batch of the examples' prompts (up to the last user turn) with their images."

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 from .core import PathinsightError, atomic_write, progress
 from .models import get_family, load_trained
-from .encode import EncodeRejected, answer_text, encode_prompts, split_prompt
+from .remote import IXC2_END
+from .encode import EncodeRejected, answer_text, encode_prompts, example_image, prompt_text, split_prompt
 
 # %% auto 0
 __all__ = ['generate', 'ask', 'option_scores', 'rank_options', 'done_ids', 'predict', 'ask_cmd']
@@ -20,11 +21,13 @@ def generate(model, processor, examples: list[dict],  # model, processor, exampl
     "Greedy answers (stripped strings) for a batch of examples, generated together."
     import torch
     fam = get_family(family or model)
+    if fam.inputs == "samples": return _ixc2_generate(model, processor, examples, max_new_tokens, image_root)
     enc = encode_prompts(processor, fam, examples, image_root)
     dev = next(model.parameters()).device
     enc = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in enc.items()}
     tok = processor.tokenizer
-    eos = tok.convert_tokens_to_ids(fam.end_token) if fam.end_token in tok.get_vocab() else tok.eos_token_id
+    eos = tok.convert_tokens_to_ids(fam.end_token)  # Qwen-VL's tokenizer has no string vocabulary: ask it, do not look it up
+    if not isinstance(eos, int) or eos == tok.unk_token_id: eos = tok.eos_token_id
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id)
     new = out[:, enc["input_ids"].shape[1]:]
@@ -40,6 +43,7 @@ def option_scores(model, processor, example: dict, options: list[str],  # model,
     "Log-likelihood of each option as the answer to `example`'s prompt."
     import torch
     fam = get_family(family or model)
+    if fam.inputs == "samples": return _ixc2_option_scores(model, processor, example, options, image_root, normalize)
     where = f"example {example.get('id', '?')!r}"
     turns, _ = split_prompt(example["turns"], where)
     enc = encode_prompts(processor, fam, [example] * len(options), image_root)
@@ -67,6 +71,80 @@ def rank_options(model, processor, example: dict, options: list[str], **kw) -> s
     return options[max(range(len(options)), key=sc.__getitem__)]
 
 # %% ../nbs/13_infer.ipynb 14
+def _ixc2_base(model):
+    "The IXC2 model itself (LoRA layers are inside it) under a PEFT wrapper."
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+def _ixc2_rows(model, processor, example: dict, image_root=None, answer_ids=()) -> tuple:
+    "(embeddings (L, H), image mask (L,)) of `example`'s prompt, followed by `answer_ids` when given."
+    import torch
+    base, where = _ixc2_base(model), f"example {example.get('id', '?')!r}"
+    parts = processor.part_ids(prompt_text(processor, split_prompt(example["turns"], where)[0], where))
+    parts[-1] = parts[-1] + list(answer_ids)
+    img = processor.image_transform(example_image(example.get("image"), image_root, where))[None].to(base.device)
+    img_emb = base.img2emb(img)[0][0]
+    embs, mask = [], []
+    for k, ids in enumerate(parts):
+        if ids: embs.append(base.model.tok_embeddings(torch.tensor(ids, device=base.device))); mask += [False] * len(ids)
+        if k < len(parts) - 1: embs.append(img_emb.to(embs[0].dtype if embs else img_emb.dtype)); mask += [True] * img_emb.shape[0]
+    return torch.cat(embs), torch.tensor(mask, device=base.device)
+
+def _pad_rows(rows: list, pad_emb, left: bool) -> tuple:
+    "Stack (embeddings, image mask) rows padded with `pad_emb`: (embeds, attention mask, image mask)."
+    import torch
+    L = max(e.shape[0] for e, _ in rows)
+    E, A, M = [], [], []
+    for e, m in rows:
+        n = L - e.shape[0]
+        pe, z = pad_emb.expand(n, -1), torch.zeros(n, dtype=torch.long, device=e.device)
+        E.append(torch.cat([pe, e] if left else [e, pe])); M.append(torch.cat([z.bool(), m] if left else [m, z.bool()]))
+        o = torch.ones(e.shape[0], dtype=torch.long, device=e.device); A.append(torch.cat([z, o] if left else [o, z]))
+    return torch.stack(E), torch.stack(A), torch.stack(M)
+
+# %% ../nbs/13_infer.ipynb 15
+def _ixc2_generate(model, processor, examples: list[dict], max_new_tokens: int = 32, image_root=None) -> list[str]:
+    "Greedy answers of IXC2 for a batch of examples (left-padded prompt embeddings)."
+    import torch
+    base, tok = _ixc2_base(model), processor.tokenizer
+    stops = [processor.end_id, processor.eos_id]
+    with torch.no_grad():
+        pad = base.model.tok_embeddings(torch.tensor([tok.pad_token_id], device=base.device))
+        E, A, M = _pad_rows([_ixc2_rows(model, processor, ex, image_root) for ex in examples], pad, left=True)
+        out = base.generate(inputs_embeds=E, attention_mask=A, im_mask=M, max_new_tokens=max_new_tokens, do_sample=False,
+                            eos_token_id=stops, pad_token_id=tok.pad_token_id, repetition_penalty=1.0)
+    answers = []
+    for row in out.tolist():
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        answers.append(tok.decode(row[:cut], skip_special_tokens=True).strip())
+    return answers
+
+def _ixc2_answer_ids(processor, prompt_tail: str, answer: str) -> list[int]:
+    "Token ids of `answer` + [UNUSED_TOKEN_145] as they come after `prompt_tail` (tokenised in context)."
+    tok = processor.tokenizer
+    head, full = tok(prompt_tail, add_special_tokens=False)["input_ids"], tok(prompt_tail + answer + IXC2_END, add_special_tokens=False)["input_ids"]
+    if full[:len(head)] != head: return tok(answer + IXC2_END, add_special_tokens=False)["input_ids"]
+    return full[len(head):]
+
+def _ixc2_option_scores(model, processor, example: dict, options: list[str], image_root=None, normalize: bool = False) -> list[float]:
+    "Log-likelihood under IXC2 of each option (its tokens and [UNUSED_TOKEN_145]) as the answer to `example`'s prompt."
+    import torch
+    base, tok = _ixc2_base(model), processor.tokenizer
+    where = f"example {example.get('id', '?')!r}"
+    tail = prompt_text(processor, split_prompt(example["turns"], where)[0], where).split(processor.image_token)[-1]
+    ans = [_ixc2_answer_ids(processor, tail, o) for o in options]
+    with torch.no_grad():
+        P = _ixc2_rows(model, processor, example, image_root)[0].shape[0]
+        pad = base.model.tok_embeddings(torch.tensor([tok.pad_token_id], device=base.device))
+        E, A, M = _pad_rows([_ixc2_rows(model, processor, example, image_root, a) for a in ans], pad, left=False)
+        logits = base(inputs_embeds=E, attention_mask=A, im_mask=M).logits.float()
+    T = max(map(len, ans))
+    a_ids = torch.tensor([a + [tok.pad_token_id] * (T - len(a)) for a in ans]); a_mask = torch.tensor([[1.0] * len(a) + [0.0] * (T - len(a)) for a in ans])
+    lp = torch.log_softmax(logits[:, P - 1:P + T - 1], -1).cpu().gather(-1, a_ids[..., None])[..., 0]
+    s = (lp * a_mask).sum(1)
+    if normalize: s = s / a_mask.sum(1)
+    return s.tolist()
+
+# %% ../nbs/13_infer.ipynb 19
 def done_ids(path) -> set:
     "Ids already in a predictions file; a torn last line (no newline: a crash mid-write) is cut off, any other bad line is an error."
     path = Path(path)
@@ -111,7 +189,7 @@ def predict(model, processor, examples: list[dict], out_jsonl,  # model, process
             f.flush()
     return out
 
-# %% ../nbs/13_infer.ipynb 17
+# %% ../nbs/13_infer.ipynb 22
 def ask_cmd(image: str,  # image file
             question: str,  # the question
             *, model: str,  # trained model / adapter directory, or a hub id / family name (an untuned base model)

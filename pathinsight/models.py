@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 from .core import PathinsightError, CRC_CLASSES
 from .tutorial import choose_model, hub_files_only, offline_hub, tutorial_load_kwargs
-from .remote import QwenVLProcessor, finish_remote, font_free_import, prepare_remote, tiny_remote_model
+from .remote import IXC2Processor, QwenVLProcessor, finish_remote, font_free_import, prepare_remote, tiny_remote_model
 
 # bitsandbytes logs a warning when it is imported (by peft and transformers) on CPUs with AVX512-BF16 and no
 # `kernels` package: an optional kernel for 4-bit inference that nothing here needs. Keep the console quiet.
@@ -62,7 +62,8 @@ class Family:
     auto_class: str = "AutoModelForImageTextToText"  # transformers auto class used to load it
     remote_code: bool = False  # needs `trust_remote_code` (loaded only when the user passes it)
     processor_wrapper: Callable | None = None  # wraps the loaded tokenizer into a processor (Qwen-VL: `QwenVLProcessor`)
-    labels: str = "assistant"  # tokens learned: 'assistant' (answers and their end-of-turn) | 'chatml-markers' (also every turn's <|im_start|>, <|im_end|> and newline, as Qwen-VL's finetune.py)
+    labels: str = "assistant"  # tokens learned: 'assistant' (answers and their end-of-turn) | 'chatml-markers' (also every turn's <|im_start|>, <|im_end|> and newline, as Qwen-VL's finetune.py) | 'ixc2' (built by the model: answers, their [UNUSED_TOKEN_145], the final </s>)
+    inputs: str = "tokens"  # what training feeds the model: 'tokens' (input_ids, labels, image inputs) | 'samples' (IXC2's `samples` dict, from which the model builds its labels)
     tiny: Callable | None = None  # builder of a tiny random model: (tokenizer, image_size, hidden, layers, patch) -> (model, processor)
     tiny_patch: int = 8  # tiny models' patch size: 64 image tokens at 64 px for every family (Qwen/InternVL merge 2x2)
 
@@ -177,11 +178,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            vision_lora=("in_proj", "out_proj", "c_fc", "c_proj"), projector_lora=("kv_proj",),
            image_token="<img>", end_token="<|im_end|>", pad_token="<|endoftext|>",
            auto_class="AutoModelForCausalLM", remote_code=True, processor_wrapper=QwenVLProcessor, labels="chatml-markers"),
-    Family("internlm-xcomposer2", "internlm/internlm-xcomposer2-vl-7b", model_types=("internlmxcomposer2",),
+    Family("internlm-xcomposer2", "internlm/internlm-xcomposer2-vl-7b", model_types=("internlmxcomposer2", "internlm"),  # its config class says 'internlm' (what save_pretrained writes)
            vision="vit", projector="vision_proj", lm="model", lm_head="output",
            lm_lora=("wqkv", "wo", "w1", "w2", "w3"), vision_lora=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
            projector_lora=("0", "2"), image_token="<ImageHere>", end_token="[UNUSED_TOKEN_145]", pad_token="</s>",
-           auto_class="AutoModelForCausalLM", remote_code=True),
+           auto_class="AutoModelForCausalLM", remote_code=True, processor_wrapper=IXC2Processor, labels="ixc2", inputs="samples"),
 ]}
 
 def get_family(name_or_model) -> Family:
@@ -372,12 +373,12 @@ def load_model(spec_or_dir: str | Path,  # family name, hub id or local director
     except OSError as e:
         where = "" if is_dir else " (a hub id)"
         raise PathinsightError(f"cannot load model {src}{where}: {str(e).splitlines()[0]}") from None
-    if fam.remote_code: finish_remote(fam.name, model)
+    if fam.remote_code: finish_remote(fam.name, model, getattr(processor, "tokenizer", processor))  # IXC2 tokenises in its forward
     if load_in_4bit: disable_bnb_cpu_repack(model)
     model.eval()
     return model, processor, fam
 
-# %% ../nbs/10_models.ipynb 32
+# %% ../nbs/10_models.ipynb 34
 def _prefix(model, fam: Family, path: str) -> str:
     "The name prefix of module `path` in `model`'s `named_parameters` (handles PEFT wrappers)."
     names = dict(model.named_modules())
@@ -413,7 +414,7 @@ def lora_targets(model, family: str | Family | None = None,
             if any(n == pre + l or n.endswith("." + l) for l in leaves[part]): out.append(n); break
     return out
 
-# %% ../nbs/10_models.ipynb 34
+# %% ../nbs/10_models.ipynb 36
 def inference_device(device: str = "auto") -> str:
     "`device`, or for 'auto' cuda when a GPU is available, else cpu."
     if device != "auto": return device
@@ -453,7 +454,7 @@ def load_trained(path,  # a trained output directory (full model or LoRA adapter
     model.eval()
     return place_model(model, device), processor, fam
 
-# %% ../nbs/10_models.ipynb 40
+# %% ../nbs/10_models.ipynb 42
 def tutorial_model(family: str = "llava",  # model family (see `FAMILIES`)
                    tiny_dir=None,  # where to build the tiny fallback (default: a temporary folder)
                    hub: bool | None = None,  # hub reachable (None: check)

@@ -11,11 +11,17 @@ from .core import PathinsightError
 
 # %% auto 0
 __all__ = ['REMOTE_TRANSFORMERS', 'REMOTE_DIRS', 'PATCHES', 'QWENVL_SYSTEM', 'QWENVL_IMAGE', 'QWENVL_TEMPLATE',
-           'TINY_REMOTE_CONFIGS', 'check_remote_transformers', 'remote_code_dir', 'Patch', 'remote_patch',
-           'skipped_patches', 'apply_patches', 'stub_stream_generator', 'restore_get_head_mask',
-           'keep_loaded_weights_on_init', 'materialise_init_tensors', 'read_cache_in_generation',
-           'make_class_generative', 'font_free_import', 'remote_modules', 'prepare_remote', 'finish_remote',
-           'image_cache_dir', 'image_file', 'QwenVLProcessor', 'tiny_remote_dir', 'tiny_remote_model']
+           'TINY_REMOTE_CONFIGS', 'IXC2_MAX_LENGTH', 'IXC2_IMAGE', 'IXC2_END', 'IXC2_PATCH', 'IXC2_META_INSTRUCTION',
+           'IXC2_TEMPLATE', 'IXC2_TINY_EDITS', 'IXC2_CLIP_NAME', 'IXC2_CONFIG', 'IXC2_TOKENIZER_CONFIG',
+           'check_remote_transformers', 'remote_code_dir', 'Patch', 'remote_patch', 'skipped_patches', 'apply_patches',
+           'stub_stream_generator', 'restore_get_head_mask', 'keep_loaded_weights_on_init', 'materialise_init_tensors',
+           'read_cache_in_generation', 'make_class_generative', 'font_free_import', 'remote_modules', 'prepare_remote',
+           'finish_remote', 'image_cache_dir', 'image_file', 'QwenVLProcessor', 'tiny_remote_dir', 'tiny_remote_model',
+           'keep_legacy_rope_scaling', 'keep_max_length_aside', 'legacy_clip', 'wrap_clip_in_legacy_tree',
+           'find_local_clip', 'record_resized_clip_grid', 'tied_weights_as_mapping', 'read_legacy_cache_in_generation',
+           'route_cuda_calls_to_model_device', 'strip_whitespace_beside_specials', 'record_requires_grad',
+           'recompute_rotary_tables', 'reset_clip_position_ids', 'restore_requires_grad', 'attach_tokenizer',
+           'IXC2Processor']
 
 # %% ../nbs/09_remote.ipynb 6
 REMOTE_TRANSFORMERS = ("5.24", "5.40")  # [tested lower bound, first version expected to break) for the remote-code families
@@ -52,9 +58,9 @@ class Patch:
     "A run-time fix of one measured failure of a remote-code family on transformers 5."
     name: str  # named after the failure it fixes
     family: str  # qwen-vl | internlm-xcomposer2
-    when: str  # import | class | model
+    when: str  # import | class | model | tokenizer
     failure: str  # what happens without it (as measured)
-    fn: object = None  # the fix: () for import, (module) for class, (model) for model
+    fn: object = None  # the fix: () for import, (module) for class, (model) for model, (model, tokenizer) for tokenizer
 
 PATCHES: list[Patch] = []
 
@@ -104,8 +110,10 @@ def _get_head_mask(self, head_mask, num_hidden_layers: int, is_attention_chunked
 @remote_patch("qwen-vl", "class", "forward fails: 'QWenModel' object has no attribute 'get_head_mask' (removed from PreTrainedModel)")
 def restore_get_head_mask(module):
     "Give the remote model classes back transformers 4's `get_head_mask`."
+    import torch
     for c in vars(module).values():
-        if isinstance(c, type) and c.__module__ == module.__name__ and hasattr(c, "post_init") and not hasattr(c, "get_head_mask"):
+        if (isinstance(c, type) and c.__module__ == module.__name__ and issubclass(c, torch.nn.Module) and hasattr(c, "post_init")
+                and not hasattr(c, "get_head_mask")):
             c.get_head_mask = _get_head_mask
 
 # %% ../nbs/09_remote.ipynb 16
@@ -114,8 +122,8 @@ def restore_get_head_mask(module):
               "logits off by up to 1.44")
 def keep_loaded_weights_on_init(module):
     "Make the remote `_init_weights` leave alone every tensor that loading has filled."
-    cls = module.QWenPreTrainedModel
-    if getattr(cls._init_weights, "_pathinsight", False): return
+    cls = getattr(module, "QWenPreTrainedModel", None)  # only the modeling module has it
+    if cls is None or getattr(cls._init_weights, "_pathinsight", False): return
     orig = cls._init_weights
     def _init_weights(self, m):
         import torch
@@ -147,9 +155,9 @@ def materialise_init_tensors(model):
               "which the old code never reads); passing it on as is crashes, because transformers 5 drops an all-ones attention mask")
 def read_cache_in_generation(module):
     "Feed the cache back under the old name, with the attention mask and positions transformers 4 passed."
-    cls = module.QWenLMHeadModel
+    cls = getattr(module, "QWenLMHeadModel", None)
+    if cls is None or getattr(cls.prepare_inputs_for_generation, "_pathinsight", False): return
     orig = cls.prepare_inputs_for_generation
-    if getattr(orig, "_pathinsight", False): return
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, inputs_embeds=None, **kwargs):
         import torch
         cache = kwargs.pop("cache", None)
@@ -167,8 +175,8 @@ def read_cache_in_generation(module):
 def make_class_generative(module):
     "Put `GenerationMixin` in the remote model class itself."
     from transformers.generation import GenerationMixin
-    cls = module.QWenLMHeadModel
-    if not issubclass(cls, GenerationMixin): cls.__bases__ = cls.__bases__ + (GenerationMixin,)
+    cls = getattr(module, "QWenLMHeadModel", None)
+    if cls is not None and not issubclass(cls, GenerationMixin): cls.__bases__ = cls.__bases__ + (GenerationMixin,)
 
 # %% ../nbs/09_remote.ipynb 20
 _FONT = "SimSun.ttf"
@@ -185,18 +193,31 @@ def font_free_import():
         finally: os.chdir(old)
 
 # %% ../nbs/09_remote.ipynb 24
+def _tokenizer_auto_map(src: str, local_files_only: bool) -> dict:
+    "The `auto_map` of the tokenizer_config.json at `src` (a folder or a hub id), or {}."
+    p = Path(src)/"tokenizer_config.json"
+    if not p.exists():
+        from transformers.utils import cached_file
+        try: p = cached_file(src, "tokenizer_config.json", local_files_only=local_files_only, _raise_exceptions_for_missing_entries=False)
+        except OSError: p = None
+        if p is None: return {}
+    return json.loads(Path(p).read_text()).get("auto_map") or {}
+
 def remote_modules(src: str, local_files_only: bool = True) -> list[types.ModuleType]:
-    "The remote modules (model and tokenizer code) of the model at `src`, imported by transformers."
+    "The remote modules (model, then configuration and tokenizer code) of the model at `src`, imported by transformers."
     from transformers import AutoConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
     kw = dict(trust_remote_code=True, local_files_only=local_files_only)
     cfg = AutoConfig.from_pretrained(src, **kw)
-    refs = [v for k, v in (getattr(cfg, "auto_map", None) or {}).items() if k.startswith("AutoModel")]
+    amap = getattr(cfg, "auto_map", None) or {}
+    refs = [v for k, v in amap.items() if k.startswith("AutoModel")] + [amap[k] for k in ("AutoConfig",) if k in amap]
+    tok_ref = _tokenizer_auto_map(src, local_files_only).get("AutoTokenizer")
+    refs += [r for r in (tok_ref if isinstance(tok_ref, (list, tuple)) else [tok_ref]) if r]
     mods = []
     for ref in dict.fromkeys(refs):
         cls = get_class_from_dynamic_module(ref, src, local_files_only=local_files_only)
         mods.append(sys.modules[cls.__module__])
-    return mods
+    return list(dict.fromkeys(mods))
 
 def prepare_remote(family: str, src: str, local_files_only: bool = True) -> list[str]:
     "Check the transformers version and apply `family`'s import and class patches before loading `src`; returns their names."
@@ -204,11 +225,13 @@ def prepare_remote(family: str, src: str, local_files_only: bool = True) -> list
     done = apply_patches(family, "import")
     with font_free_import():
         for mod in remote_modules(src, local_files_only): done += apply_patches(family, "class", mod)
-    return done
+    return list(dict.fromkeys(done))
 
-def finish_remote(family: str, model) -> list[str]:
-    "Apply `family`'s model patches to a loaded `model`; returns their names."
-    return apply_patches(family, "model", model)
+def finish_remote(family: str, model, tokenizer=None) -> list[str]:
+    "Apply `family`'s model patches to a loaded `model`, then (given its tokenizer) its tokenizer patches; returns their names."
+    done = apply_patches(family, "model", model)
+    if tokenizer is not None: done += apply_patches(family, "tokenizer", model, getattr(tokenizer, "tokenizer", tokenizer))
+    return done
 
 # %% ../nbs/09_remote.ipynb 26
 QWENVL_SYSTEM = "You are a helpful assistant."  # Qwen-VL-Chat's default system prompt (model.chat and finetune.py)
@@ -309,7 +332,7 @@ def _qwenvl_files(src: Path, out: Path):
     cfg.pop("quantization_config", None)  # the shared config is the Int4 one
     return cfg
 
-def tiny_remote_dir(family: str,  # qwen-vl (internlm-xcomposer2: see below)
+def tiny_remote_dir(family: str,  # qwen-vl | internlm-xcomposer2
                     out_dir,  # folder to write (code, vocabulary, tiny config; no weights)
                     remote_dir=None) -> Path:  # the family's remote code copy (default: `remote_code_dir(family)`)
     "A model folder with `family`'s remote code and vocabulary and a tiny config, ready for `from_config`."
@@ -317,26 +340,436 @@ def tiny_remote_dir(family: str,  # qwen-vl (internlm-xcomposer2: see below)
     if src is None or not src.is_dir(): raise PathinsightError(f"remote code of {family} not found (shared/remote-code or PATHINSIGHT_REMOTE_CODE)")
     if family not in TINY_REMOTE_CONFIGS: raise PathinsightError(f"no tiny config for {family!r} (known: {sorted(TINY_REMOTE_CONFIGS)})")
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    cfg = _qwenvl_files(src, out)
-    tiny = TINY_REMOTE_CONFIGS[family]
-    cfg.update({k: v for k, v in tiny.items() if k != "visual"}, visual={**cfg.get("visual", {}), **tiny.get("visual", {})})
+    if family == "internlm-xcomposer2": cfg = _ixc2_files(src, out)  # also writes the tiny CLIP folder (random weights)
+    else:
+        cfg = _qwenvl_files(src, out)
+        tiny = TINY_REMOTE_CONFIGS[family]
+        cfg.update({k: v for k, v in tiny.items() if k != "visual"}, visual={**cfg.get("visual", {}), **tiny.get("visual", {})})
     (out/"config.json").write_text(json.dumps(cfg, indent=2))
     return out
 
-def tiny_remote_model(family: str,  # qwen-vl
+def tiny_remote_model(family: str,  # qwen-vl | internlm-xcomposer2
                       out_dir=None,  # model folder (default: a temporary one); weights are saved there too
                       seed: int = 0,  # seed of the random weights
                       remote_dir=None):  # the family's remote code copy
     "A tiny random (model, processor) of `family`'s real architecture, patched, saved in `out_dir`."
     import tempfile, torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    torch.manual_seed(seed)
     out = tiny_remote_dir(family, out_dir or tempfile.mkdtemp(prefix=f"pi-tiny-{family}-"), remote_dir)
     prepare_remote(family, str(out))
     cfg = AutoConfig.from_pretrained(out, trust_remote_code=True, local_files_only=True)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=True)
-    finish_remote(family, model)
     with font_free_import(): tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True, local_files_only=True)
+    finish_remote(family, model, tok)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
-    return model, QwenVLProcessor(tok)
+    return model, (IXC2Processor if family == "internlm-xcomposer2" else QwenVLProcessor)(tok)
+
+# %% ../nbs/09_remote.ipynb 34
+IXC2_MAX_LENGTH = 20  # transformers 4.33's PretrainedConfig.max_length default, which IXC2's __init__ reads when config.json has none
+
+def _ixc2_sibling(module, name: str):
+    "The module `name` of the same remote package as `module` (None when not imported)."
+    return sys.modules.get(f"{module.__name__.rsplit('.', 1)[0]}.{name}")
+
+def _once(obj, name: str) -> bool:
+    "True the first time patch `name` is applied to `obj` (a class), False afterwards."
+    marks = obj.__dict__.get("_pathinsight_patches")
+    if marks is None: marks = set(); setattr(obj, "_pathinsight_patches", marks)
+    if name in marks: return False
+    marks.add(name); return True
+
+def _serialise_legacy_keys(config_cls):
+    "config.to_dict writes the kept-aside `rope_scaling` / `max_length` under their 4.33 names (so 4.33 reloads the config)."
+    if not _once(config_cls, "to_dict"): return
+    orig = config_cls.to_dict
+    def to_dict(self):
+        out = orig(self)
+        for k in ("rope_scaling", "max_length"):
+            if f"_pi_{k}" in out: out[k] = out.pop(f"_pi_{k}")
+        return out
+    config_cls.to_dict = to_dict
+
+@remote_patch("internlm-xcomposer2", "class", "loading fails: KeyError: 'type' in _init_rope (transformers 5 rewrites config.rope_scaling, "
+              "even a null one, into its own rope_parameters form)")
+def keep_legacy_rope_scaling(module):
+    "Keep `config.rope_scaling` exactly as config.json has it (`rope_parameters` is left to transformers)."
+    cls = getattr(module, "InternLMXcomposer2Config", None)
+    if cls is None or not _once(cls, "rope_scaling"): return
+    def get(self): return self.__dict__.get("_pi_rope_scaling")
+    def set_(self, v): self.__dict__["_pi_rope_scaling"] = dict(v) if isinstance(v, dict) else v
+    cls.rope_scaling = property(get, set_)
+    _serialise_legacy_keys(cls)
+
+# %% ../nbs/09_remote.ipynb 35
+@remote_patch("internlm-xcomposer2", "class", "loading fails: AttributeError config.max_length (transformers 5 drops generation keys from "
+              "configs; putting it back as an attribute makes generate() and save_pretrained() raise)")
+def keep_max_length_aside(module):
+    "Keep `max_length` out of the config's attributes, show it to the model's `__init__` only, and write it back to config.json."
+    cfg_cls = getattr(module, "InternLMXcomposer2Config", None)
+    if cfg_cls is not None and _once(cfg_cls, "max_length"):
+        orig_cfg = cfg_cls.__init__
+        def __init__(self, *a, **kw):
+            ml = kw.get("max_length", IXC2_MAX_LENGTH)
+            orig_cfg(self, *a, **kw); self.__dict__["_pi_max_length"] = ml
+        cfg_cls.__init__ = __init__
+        _serialise_legacy_keys(cfg_cls)
+    cls = getattr(module, "InternLMXComposer2ForCausalLM", None)
+    if cls is not None and _once(cls, "max_length"):
+        orig = cls.__init__
+        def model_init(self, config, *a, **kw):
+            added = "max_length" not in config.__dict__
+            if added: config.__dict__["max_length"] = config.__dict__.get("_pi_max_length", IXC2_MAX_LENGTH)
+            try: orig(self, config, *a, **kw)
+            finally:
+                if added: config.__dict__.pop("max_length", None)
+        cls.__init__ = model_init
+
+# %% ../nbs/09_remote.ipynb 37
+_LEGACY_CLIP = []
+
+def legacy_clip(clip):
+    "`clip` inside transformers 4's module tree of CLIPVisionModel (`vision_model.*`): the keys of the real IXC2 checkpoints."
+    if not _LEGACY_CLIP:
+        import torch
+        class LegacyCLIPVisionModel(torch.nn.Module):
+            "transformers 4's CLIPVisionModel tree around the flattened transformers-5 one."
+            def __init__(self, clip): super().__init__(); self.vision_model = clip
+            config = property(lambda self: self.vision_model.config)
+            dtype = property(lambda self: self.vision_model.dtype)
+            device = property(lambda self: self.vision_model.device)
+            def forward(self, *a, **kw): return self.vision_model(*a, **kw)
+        _LEGACY_CLIP.append(LegacyCLIPVisionModel)
+    return _LEGACY_CLIP[0](clip)
+
+_IXC2_BUILDING: list = []  # model folders of the IXC2 constructors running now (innermost last)
+
+def _clip_source(name: str) -> str:
+    "`name` inside the folder of the IXC2 model being built when that folder has it, else `name` (a hub id)."
+    d = _IXC2_BUILDING[-1] if _IXC2_BUILDING else None
+    if d and (Path(d)/name/"config.json").exists(): return str(Path(d)/name)
+    return name
+
+@remote_patch("internlm-xcomposer2", "class", "loading fails: 'CLIPVisionModel' object has no attribute 'vision_model' (the class is "
+              "flattened in transformers 5; the real checkpoints keep the old vit.vision_tower.vision_model.* keys); under "
+              "from_pretrained's meta-device context CLIPVisionModel.from_pretrained inside the constructor fails too")
+def wrap_clip_in_legacy_tree(module):
+    "Load CLIP (from its config alone on the meta device: its weights are in the IXC2 checkpoint) inside `legacy_clip`."
+    bm = _ixc2_sibling(module, "build_mlp")
+    if bm is None or not _once(bm.CLIPVisionTower, "load_model"): return
+    def load_model(self):
+        import torch
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+        src = _clip_source(self.vision_tower_name)
+        self._pi_clip_dir = src if Path(src).is_dir() else None
+        meta = torch.empty(0).device.type == "meta"
+        clip = CLIPVisionModel(CLIPVisionConfig.from_pretrained(src)) if meta else CLIPVisionModel.from_pretrained(src)
+        self.vision_tower = legacy_clip(clip)
+        self.vision_tower.requires_grad_(False)
+        self.is_loaded = True
+    bm.CLIPVisionTower.load_model = load_model
+
+@remote_patch("internlm-xcomposer2", "class", "a saved model does not reload offline: its constructor looks for the CLIP folder "
+              "by name, and save_pretrained writes only the IXC2 weights")
+def find_local_clip(module):
+    "Resolve the CLIP name inside the folder being loaded (see `_clip_source`), and copy a local CLIP folder along on save."
+    cls = getattr(module, "InternLMXComposer2ForCausalLM", None)
+    if cls is None or not _once(cls, "clip_dir"): return
+    orig_init, orig_save = cls.__init__, cls.save_pretrained
+    def __init__(self, config, *a, **kw):
+        _IXC2_BUILDING.append(getattr(config, "_name_or_path", "") or "")
+        try: orig_init(self, config, *a, **kw)
+        finally: _IXC2_BUILDING.pop()
+    def save_pretrained(self, save_directory, *a, **kw):
+        out = orig_save(self, save_directory, *a, **kw)
+        clip_dir = getattr(getattr(self, "vit", None), "_pi_clip_dir", None)
+        dest = Path(save_directory)/self.vit.vision_tower_name if clip_dir else None
+        if clip_dir and Path(clip_dir).resolve() != dest.resolve(): shutil.copytree(clip_dir, dest, dirs_exist_ok=True)
+        return out
+    cls.__init__, cls.save_pretrained = __init__, save_pretrained
+
+# %% ../nbs/09_remote.ipynb 38
+@remote_patch("internlm-xcomposer2", "class", "forward fails: ValueError Input image size (490*490) doesn't match model (336*336) "
+              "(resize_pos grows the position table but transformers 5 checks the image size of the config)")
+def record_resized_clip_grid(module):
+    "After `resize_pos`, give the CLIP embeddings and config the image size of the resized position table."
+    bm = _ixc2_sibling(module, "build_mlp")
+    if bm is None or not _once(bm.CLIPVisionTower, "resize_pos"): return
+    orig = bm.CLIPVisionTower.resize_pos
+    def resize_pos(self):
+        orig(self)
+        emb = self.vision_tower.vision_model.embeddings
+        n = emb.position_embedding.weight.shape[0]; g = int(round((n - 1) ** 0.5))
+        emb.num_patches, emb.num_positions, emb.image_size = g * g, n, g * emb.patch_size
+        self.vision_tower.config.image_size = emb.image_size
+    bm.CLIPVisionTower.resize_pos = resize_pos
+
+@remote_patch("internlm-xcomposer2", "class", "save_pretrained fails: 'list' object has no attribute 'keys' (_tied_weights_keys is a "
+              "list; transformers 5 wants a mapping)")
+def tied_weights_as_mapping(module):
+    "Turn `_tied_weights_keys` into the mapping transformers 5 expects (the output may tie to the input embeddings)."
+    cls = getattr(module, "InternLMXComposer2ForCausalLM", None)
+    tied = cls.__dict__.get("_tied_weights_keys") if cls is not None else None
+    if isinstance(tied, (list, tuple)): cls._tied_weights_keys = {k: "model.tok_embeddings.weight" for k in tied}
+
+# %% ../nbs/09_remote.ipynb 39
+@remote_patch("internlm-xcomposer2", "class", "generation repeats the same token (transformers 5 hands the cache over as `cache` and "
+              "builds a DynamicCache; the remote code reads and returns legacy tuples under past_key_values, so every step "
+              "re-feeds the prompt embeddings); after a from_config the class has no generate() at all")
+def read_legacy_cache_in_generation(module):
+    "Make the class generative, keep transformers' cache off and hand the model's own past_key_values back at every step."
+    cls = getattr(module, "InternLMXComposer2ForCausalLM", None)
+    if cls is None or not _once(cls, "generation"): return
+    from transformers.generation import GenerationMixin
+    if not issubclass(cls, GenerationMixin): cls.__bases__ = cls.__bases__ + (GenerationMixin,)
+    cls._supports_default_dynamic_cache = classmethod(lambda c: False)
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *a, **kw):
+        model_kwargs = GenerationMixin._update_model_kwargs_for_generation(self, outputs, model_kwargs, *a, **kw)
+        if getattr(outputs, "past_key_values", None) is not None: model_kwargs["past_key_values"] = outputs.past_key_values
+        return model_kwargs
+    cls._update_model_kwargs_for_generation = _update_model_kwargs_for_generation
+
+@contextlib.contextmanager
+def _cuda_calls_to(device):
+    "Inside: `tensor.cuda()` moves to `device` instead."
+    import torch
+    orig = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self.to(device)
+    try: yield
+    finally: torch.Tensor.cuda = orig
+
+@remote_patch("internlm-xcomposer2", "class", "chat(image=None) and the text-only training forward fail without a GPU "
+              "(they call .cuda(); any transformers version)")
+def route_cuda_calls_to_model_device(module):
+    "During `chat` and `forward` on a non-CUDA model, `.cuda()` moves to the model's device."
+    cls = getattr(module, "InternLMXComposer2ForCausalLM", None)
+    if cls is None or not _once(cls, "cuda"): return
+    for name in ("chat", "forward"):
+        orig = getattr(cls, name)
+        def make(orig):
+            def wrapper(self, *a, **kw):
+                if self.device.type == "cuda": return orig(self, *a, **kw)
+                with _cuda_calls_to(self.device): return orig(self, *a, **kw)
+            wrapper.__wrapped__ = orig
+            return wrapper
+        setattr(cls, name, make(orig))
+
+# %% ../nbs/09_remote.ipynb 40
+def _strip_around_specials(tok):
+    "Mark the special tokens of `tok` to swallow the whitespace beside them, as transformers 4.33 did for plain-string specials."
+    from transformers import AddedToken
+    specials, changed = set(tok.all_special_tokens), False
+    for idx, at in list(tok.added_tokens_decoder.items()):
+        if str(at) in specials and not (at.lstrip and at.rstrip):
+            tok._added_tokens_decoder[idx] = AddedToken(str(at), lstrip=True, rstrip=True, special=True,
+                                                       normalized=at.normalized, single_word=at.single_word)
+            changed = True
+    if changed:
+        tok._added_tokens_encoder = {str(k): v for v, k in tok._added_tokens_decoder.items()}
+        if hasattr(tok, "_update_trie"): tok._update_trie()
+    return tok
+
+@remote_patch("internlm-xcomposer2", "class", "different training labels: the newline before </s> becomes a token of its own "
+              "(transformers 4.33 stripped whitespace beside special tokens; 5 keeps it)")
+def strip_whitespace_beside_specials(module):
+    "Every tokenizer of the class strips the whitespace beside `<s>`, `</s>`, `<unk>`, as 4.33 did."
+    cls = getattr(module, "InternLMXComposer2Tokenizer", None)
+    if cls is None or not _once(cls, "strip"): return
+    orig = cls.__init__
+    def __init__(self, *a, **kw):
+        orig(self, *a, **kw); _strip_around_specials(self)
+    cls.__init__ = __init__
+
+# %% ../nbs/09_remote.ipynb 41
+@remote_patch("internlm-xcomposer2", "class", "SILENT: from_pretrained re-creates the parameters and drops the constructor's "
+              "requires_grad_(False) on the CLIP tower (4.33 kept it frozen)")
+def record_requires_grad(module):
+    "Record each parameter's `requires_grad` as the constructor leaves it (restored by `restore_requires_grad`)."
+    cls = getattr(module, "InternLMXComposer2ForCausalLM", None)
+    if cls is None or not _once(cls, "requires_grad"): return
+    orig = cls.__init__
+    def __init__(self, *a, **kw):
+        orig(self, *a, **kw)
+        self.__dict__["_pi_requires_grad"] = {n: p.requires_grad for n, p in self.named_parameters()}
+    cls.__init__ = __init__
+
+@remote_patch("internlm-xcomposer2", "model", "SILENT: rotary inv_freq / cos / sin tables are built in __init__ on the meta device and "
+              "come back as garbage after from_pretrained (logits off by up to 4.3)")
+def recompute_rotary_tables(model):
+    "Recompute every rotary table as the constructor would."
+    import torch
+    dtype = next(model.parameters()).dtype
+    for m in model.modules():
+        if type(m).__name__.startswith("InternLM2") and hasattr(m, "_set_cos_sin_cache") and hasattr(m, "inv_freq"):
+            dev = m.inv_freq.device if m.inv_freq.device.type != "meta" else torch.device("cpu")
+            m.register_buffer("inv_freq", 1.0 / (m.base ** (torch.arange(0, m.dim, 2, device=dev).float() / m.dim)), persistent=False)
+            m._set_cos_sin_cache(seq_len=m.max_position_embeddings, device=dev, dtype=dtype)
+
+@remote_patch("internlm-xcomposer2", "model", "SILENT: CLIP position_ids (a non-persistent buffer resize_pos replaces) come back as "
+              "garbage after from_pretrained")
+def reset_clip_position_ids(model):
+    "Set the CLIP position ids back to `arange(num_positions)`."
+    import torch
+    for m in model.modules():
+        if type(m).__name__ == "CLIPVisionEmbeddings":
+            w = m.position_embedding.weight
+            m.register_buffer("position_ids", torch.arange(w.shape[0], device=w.device).expand((1, -1)), persistent=False)
+
+@remote_patch("internlm-xcomposer2", "model", "SILENT: the CLIP tower is trainable after from_pretrained (see record_requires_grad)")
+def restore_requires_grad(model):
+    "Put back the `requires_grad` flags the constructor set (once, right after loading)."
+    flags = model.__dict__.get("_pi_requires_grad") or {}
+    for n, p in model.named_parameters():
+        if n in flags and p.requires_grad != flags[n]: p.requires_grad_(flags[n])
+    model.__dict__["_pi_requires_grad"] = None
+
+@remote_patch("internlm-xcomposer2", "tokenizer", "training forward and chat fail: 'NoneType' object is not callable (the model "
+              "tokenises its samples with self.tokenizer, which loading leaves None)")
+def attach_tokenizer(model, tokenizer):
+    "Give the model its tokenizer (with the 4.33 whitespace rule), as IXC2's own loading code does."
+    model.tokenizer = _strip_around_specials(tokenizer)
+
+# %% ../nbs/09_remote.ipynb 43
+IXC2_IMAGE = "<ImageHere>"  # IXC2's image placeholder
+IXC2_END = "[UNUSED_TOKEN_145]"  # end of a turn (id 92542)
+IXC2_PATCH = 14  # CLIP ViT-L/14 patch: image tokens = (img_size // 14) ** 2
+IXC2_META_INSTRUCTION = (  # chat()'s default meta instruction (a system turn), for the untuned model
+    "You are an AI assistant whose name is InternLM-XComposer (浦语·灵笔).\n"
+    "- InternLM-XComposer (浦语·灵笔) is a multi-modality conversational language model that is developed by Shanghai AI Laboratory (上海人工智能实验室). It is designed to be helpful, honest, and harmless.\n"
+    "- InternLM-XComposer (浦语·灵笔) can understand and communicate fluently in the language chosen by the user such as English and 中文.\n"
+    "- InternLM-XComposer (浦语·灵笔) is capable of comprehending and articulating responses effectively based on the provided image.")
+_IXC2_TURN = "{{ '[UNUSED_TOKEN_146]' + m['role'] + '\\n' }}"
+IXC2_TEMPLATE = (
+    "{%- if meta_instruction and messages[0]['role'] != 'system' -%}{{ '[UNUSED_TOKEN_146]system\\n' + meta_instruction + '[UNUSED_TOKEN_145]\\n' }}{%- endif -%}"
+    "{%- for m in messages -%}" + _IXC2_TURN +
+    "{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}"
+    "{%- for c in m['content'] -%}{%- if c['type'] == 'image' -%}{{ '<ImageHere>' }}"
+    "{%- elif c['type'] == 'text' -%}{{ c['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{ '[UNUSED_TOKEN_145]\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '[UNUSED_TOKEN_146]assistant\\n' }}{%- endif -%}")
+
+def _ixc2_img_size(folder) -> int | None:
+    "The image size recorded in a model or processor folder (pathinsight_processor.json, else config.json), or None."
+    for name, key in (("pathinsight_processor.json", "img_size"), ("config.json", "img_size")):
+        p = Path(str(folder))/name
+        if p.exists():
+            v = json.loads(p.read_text()).get(key)
+            if v: return int(v)
+    return None
+
+# %% ../nbs/09_remote.ipynb 44
+class IXC2Processor:
+    "InternLM-XComposer2's tokenizer with a processor's interface: its chat turns as a chat template, its image transform, its tokenisation around the image."
+    image_token = IXC2_IMAGE  # text that turns must not contain
+    chat_template = IXC2_TEMPLATE
+
+    def __init__(self, tokenizer, img_size: int | None = None,  # an InternLMXComposer2Tokenizer; image side (default: from the folder, else 490)
+                 meta_instruction: str = ""):  # system turn written when the messages have none ('' as the fine-tuning data; IXC2_META_INSTRUCTION as chat())
+        self.tokenizer, self.meta_instruction = _strip_around_specials(tokenizer), meta_instruction
+        self.img_size = int(img_size or _ixc2_img_size(getattr(tokenizer, "name_or_path", "")) or 490)
+        if tokenizer.pad_token_id is None: tokenizer.pad_token = "</s>"
+        self.end_id, self.eos_id = tokenizer.convert_tokens_to_ids(IXC2_END), tokenizer.eos_token_id
+
+    @property
+    def image_tokens(self) -> int:
+        "Image tokens per image: the CLIP grid at `img_size`."
+        return (self.img_size // IXC2_PATCH) ** 2
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = False, **kw) -> str:
+        "`messages` rendered as IXC2's chat turns (image parts as `<ImageHere>`)."
+        if tokenize: raise PathinsightError("IXC2Processor renders text only: tokenize with part_ids")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        return ImmutableSandboxedEnvironment().from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, meta_instruction=self.meta_instruction)
+
+    def training_text(self, text: str) -> str:
+        "A rendered conversation as the official fine-tuning data ends it: with `</s>`."
+        return text + self.tokenizer.eos_token
+
+    def part_ids(self, text: str) -> list[list[int]]:
+        "Token ids of the text parts around each `<ImageHere>`, as IXC2's interleav_wrap makes them (`<s>` on the first part only)."
+        parts = text.split(IXC2_IMAGE)
+        out, first = [], True
+        for p in parts:
+            out.append(self.tokenizer(p, add_special_tokens=first)["input_ids"] if p else [])
+            if p: first = False
+        return out
+
+    def image_transform(self, image):
+        "The (3, img_size, img_size) tensor of a PIL image: bicubic resize, CLIP mean/std (the model's vis_processor)."
+        from torchvision import transforms
+        from torchvision.transforms.functional import InterpolationMode
+        t = transforms.Compose([transforms.Resize((self.img_size, self.img_size), interpolation=InterpolationMode.BICUBIC),
+                                transforms.ToTensor(),
+                                transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+        return t(image.convert("RGB"))
+
+    def batch_decode(self, *a, **kw): return self.tokenizer.batch_decode(*a, **kw)
+    def decode(self, *a, **kw): return self.tokenizer.decode(*a, **kw)
+    def save_pretrained(self, out_dir):
+        "Save the tokenizer and the image size."
+        out = self.tokenizer.save_pretrained(out_dir)
+        (Path(out_dir)/"pathinsight_processor.json").write_text(json.dumps({"processor": "IXC2Processor", "img_size": self.img_size}))
+        return out
+
+# %% ../nbs/09_remote.ipynb 46
+IXC2_TINY_EDITS = [  # (file, original text, replacement) applied to the tiny folder's copy of the remote code
+    ("build_mlp.py",
+     "def build_vision_tower():\n    vision_tower = 'openai/clip-vit-large-patch14-336'\n    return CLIPVisionTower(vision_tower)",
+     "def build_vision_tower(config=None):\n    vision_tower = 'openai/clip-vit-large-patch14-336'\n"
+     "    return CLIPVisionTower(vision_tower, getattr(config, 'img_size', 490))"),
+    ("build_mlp.py",
+     "def build_vision_projector():\n    projector_type = 'mlp2x_gelu'\n    mm_hidden_size = 1024\n    hidden_size = 4096",
+     "def build_vision_projector(config=None):\n    projector_type = 'mlp2x_gelu'\n"
+     "    mm_hidden_size = getattr(config, 'mm_hidden_size', 1024)\n    hidden_size = getattr(config, 'hidden_size', 4096)"),
+    ("build_mlp.py",
+     "    def __init__(self, vision_tower):\n        super().__init__()\n",
+     "    def __init__(self, vision_tower, img_size=490):\n        super().__init__()\n        self.img_size = img_size\n"),
+    ("build_mlp.py",
+     "        orig_size = 24\n        new_size = 35\n",
+     "        _cfg = self.vision_tower.config\n        orig_size = _cfg.image_size // _cfg.patch_size\n"
+     "        new_size = self.img_size // _cfg.patch_size\n"),
+    ("build_mlp.py", "torch.nn.Embedding(\n                new_num, 1024)", "torch.nn.Embedding(\n                new_num, embedding_size)"),
+    ("modeling_internlm_xcomposer2.py",
+     "        self.vit = build_vision_tower()\n        self.vision_proj = build_vision_projector()\n",
+     "        self.vit = build_vision_tower(config)\n        self.vision_proj = build_vision_projector(config)\n"),
+]
+IXC2_CLIP_NAME = "openai/clip-vit-large-patch14-336"  # the CLIP the remote code loads by name
+IXC2_CONFIG = {  # the real internlm-xcomposer2-vl-7b config.json, but for the sizes TINY_REMOTE_CONFIGS overrides
+    "architectures": ["InternLMXComposer2ForCausalLM"],
+    "auto_map": {"AutoConfig": "configuration_internlm_xcomposer2.InternLMXcomposer2Config",
+                 "AutoModel": "modeling_internlm_xcomposer2.InternLMXComposer2ForCausalLM",
+                 "AutoModelForCausalLM": "modeling_internlm_xcomposer2.InternLMXComposer2ForCausalLM"},
+    "attn_implementation": "eager", "bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_length": 4096, "max_position_embeddings": 32768,
+    "model_type": "internlmxcomposer2", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05, "rope_scaling": {"type": "dynamic", "factor": 1.0}, "rope_theta": 1000000, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.33.1", "use_cache": True, "vocab_size": 92544, "img_size": 490}
+IXC2_TOKENIZER_CONFIG = {
+    "auto_map": {"AutoTokenizer": ["tokenization_internlm_xcomposer2.InternLMXComposer2Tokenizer", None]},
+    "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>", "clean_up_tokenization_spaces": False,
+    "padding_side": "right", "tokenizer_class": "InternLMXComposer2Tokenizer"}
+TINY_REMOTE_CONFIGS["internlm-xcomposer2"] = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, torch_dtype="float32",
+    img_size=56, mm_hidden_size=32,
+    clip=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14,
+              projection_dim=32, hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3))
+
+def _ixc2_files(src: Path, out: Path) -> dict:
+    "Copy IXC2's remote code (with `IXC2_TINY_EDITS`) and vocabulary into `out`; the tiny config, with its CLIP folder written."
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    for f in src.iterdir():
+        if f.suffix in (".py", ".model") or f.name == "LICENSE": shutil.copy(f, out/f.name)
+    for fname, old, new in IXC2_TINY_EDITS:
+        t = (out/fname).read_text()
+        if t.count(old) != 1: raise PathinsightError(f"{fname}: the remote code changed; edit not applicable: {old[:40]!r}")
+        (out/fname).write_text(t.replace(old, new))
+    (out/"tokenizer_config.json").write_text(json.dumps(IXC2_TOKENIZER_CONFIG, indent=2))
+    (out/"special_tokens_map.json").write_text(json.dumps({k: IXC2_TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")}))
+    tiny = dict(TINY_REMOTE_CONFIGS["internlm-xcomposer2"])
+    clip = CLIPVisionModel(CLIPVisionConfig(**tiny.pop("clip")))  # random weights (under the caller's seed)
+    clip.save_pretrained(out/IXC2_CLIP_NAME, safe_serialization=True)
+    return {**IXC2_CONFIG, **tiny}
