@@ -20,13 +20,13 @@ from .infer import generate, rank_options
 from .metrics import caption_metrics, exact_match_accuracy, tokenize
 
 # %% auto 0
-__all__ = ['BENCH_PACKAGES', 'GRID_MODES', 'GRID_TARGET', 'GENERATE_TARGET', 'UNGROUPED', 'PCAM_TARGET', 'CLIP_TARGET',
-           'EXPORT_TARGET', 'DEMO_TARGET_MIN', 'BENCHMARKS', 'QUICK_BENCHMARKS', 'machine_info', 'versions',
-           'side_stats', 'time_sides', 'comparison', 'table_cells', 'describe', 'synth_classification',
-           'shuffle_answers', 'learning_check', 'accuracy_report', 'grid_targets', 'utc_now', 'grid_markdown',
-           'write_grid', 'learning_grid', 'bench_generate', 'pathenhance_examples', 'bench_vs_trl', 'pcam_target',
-           'bench_pcam_build', 'bench_clip', 'bench_export', 'library_caption_metrics', 'bench_metrics', 'bench_demo',
-           'bench_learning_grid', 'results_markdown', 'record_results', 'bench_cmd']
+__all__ = ['BENCH_PACKAGES', 'GRID_MODES', 'GRID_TARGET', 'ALL_FAMILIES', 'FAMILY_GRID', 'GENERATE_TARGET', 'UNGROUPED',
+           'PCAM_TARGET', 'CLIP_TARGET', 'EXPORT_TARGET', 'DEMO_TARGET_MIN', 'BENCHMARKS', 'QUICK_BENCHMARKS',
+           'machine_info', 'versions', 'side_stats', 'time_sides', 'comparison', 'table_cells', 'describe',
+           'synth_classification', 'shuffle_answers', 'learning_check', 'accuracy_report', 'grid_targets', 'utc_now',
+           'grid_markdown', 'write_grid', 'learning_grid', 'bench_generate', 'pathenhance_examples', 'bench_vs_trl',
+           'pcam_target', 'bench_pcam_build', 'bench_clip', 'bench_export', 'library_caption_metrics', 'bench_metrics',
+           'bench_demo', 'bench_learning_grid', 'results_markdown', 'record_results', 'bench_cmd']
 
 # %% ../nbs/17_bench.ipynb 6
 def machine_info() -> dict:
@@ -183,15 +183,27 @@ def accuracy_report(model, processor, examples: list[dict],  # model, processor,
 
 # %% ../nbs/17_bench.ipynb 22
 GRID_MODES = (("lora", False), ("qlora", False), ("full", False), ("full", True))
-GRID_TARGET = "every tuned cell ≥ 0.9 exact match and loss ÷ 10; every shuffled-label control < 0.25"
+GRID_TARGET = "every tuned cell ≥ 0.9 exact match and loss ÷ 10; every shuffled-label control below chance + 0.2"
+ALL_FAMILIES = ("llava", "qwen2-vl", "internvl", "qwen-vl", "internlm-xcomposer2")  # the grid's rows: native families, then the paper's remote-code ones
+FAMILY_GRID = {  # per-family run settings on top of the grid's: the remote-code families' real vocabularies make each step far dearer
+    "qwen-vl": dict(per_device_train_batch_size=4),
+    "internlm-xcomposer2": dict(per_device_train_batch_size=8, learning_rate=3e-3),
+}
 
-def _grid_run(args: dict) -> dict: return learning_check(**args)
+def _grid_run(args: dict) -> dict:
+    "One grid cell; a failure is recorded in the row (`error`) instead of ending the whole grid."
+    try: return learning_check(**args)
+    except Exception as e:
+        return {"family": args["family"], "mode": args["mode"] + ("+frozen vision" if args.get("freeze_vision") else ""),
+                "shuffled": bool(args.get("shuffle_labels")), "error": f"{type(e).__name__}: {e}"[:300]}
 
 def grid_targets(rows: list[dict]) -> dict:
-    "The grid's targets on `rows`: tuned runs ≥ 0.9 exact match with a tenfold loss drop, controls < 0.25."
+    "The grid's targets on `rows`: tuned runs ≥ 0.9 exact match with a tenfold loss drop, controls below chance + 0.2."
+    if any("error" in g for g in rows): return {"tuned_em_min": None, "tuned_ok": False, "control_em_max": None, "controls_ok": False,
+                                                "met": False, "errors": [f"{g['family']} {g['mode']}: {g['error']}" for g in rows if "error" in g]}
     tuned, ctrl = [g for g in rows if not g["shuffled"]], [g for g in rows if g["shuffled"]]
     ok_t = all(g["em_after"] >= 0.9 and g["last_loss"] < g["first_loss"] / 10 for g in tuned)
-    ok_c = all(g["em_after"] < 0.25 for g in ctrl)
+    ok_c = all(g["em_after"] < g.get("chance", 1 / 9) + 0.2 for g in ctrl)
     return {"tuned_em_min": min((g["em_after"] for g in tuned), default=None), "tuned_ok": ok_t,
             "control_em_max": max((g["em_after"] for g in ctrl), default=None), "controls_ok": ok_c, "met": ok_t and ok_c}
 
@@ -206,14 +218,15 @@ def grid_markdown(rows: list[dict],  # `learning_check` results of the grid
     "Markdown of a grid run: family × mode exact match with the controls, every run's figures, targets, machine, versions."
     fams = list(dict.fromkeys(g["family"] for g in rows))
     modes = list(dict.fromkeys(g["mode"] for g in rows if not g["shuffled"]))
-    cell = {(g["family"], g["mode"], g["shuffled"]): g["em_after"] for g in rows}
+    cell = {(g["family"], g["mode"], g["shuffled"]): g.get("em_after") for g in rows}
     ctrl = any(g["shuffled"] for g in rows)
     head = ["family", *modes] + (["labels shuffled (full)"] if ctrl else [])
-    tg, m, r0 = grid_targets(rows), info["machine"], rows[0]
-    def em(k): return f"{cell[k]:.2f}" if k in cell else "–"
+    ok = [g for g in rows if "error" not in g]
+    tg, m, r0 = grid_targets(rows), info["machine"], (ok or rows)[0]
+    def em(k): return "–" if k not in cell else "error" if cell[k] is None else f"{cell[k]:.2f}"
     lines = ["# Family × mode grid", "",
              f"Generated by `pathinsight bench learning_grid` (`pathinsight.bench.learning_grid`), {info['date']}; do not edit by hand.", "",
-             f"Greedy exact match on {r0['n_test']} held-out tiles ({r0['classes']} classes, chance {r0['chance']:.2f}), one seed per run. "
+             f"Greedy exact match on {r0.get('n_test')} held-out tiles ({r0.get('classes')} classes, chance {r0.get('chance', 0):.2f}), one seed per run. "
              f"Settings: `{json.dumps(info['settings'], sort_keys=True)}`.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join([f] + [em((f, md, False)) for md in modes] + ([em((f, "full", True))] if ctrl else [])) + " |" for f in fams]
@@ -223,7 +236,8 @@ def grid_markdown(rows: list[dict],  # `learning_check` results of the grid
               "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {g['family']} | {g['mode']} | {'shuffled' if g['shuffled'] else 'true'} | {g['em_before']:.2f} → {g['em_after']:.2f} | "
               f"{g['choice_before']:.2f} → {g['choice_after']:.2f} | {g['first_loss']:.3g} | {g['last_loss']:.3g} | {g['steps']} | "
-              f"{g['n_test']} | {g['train_s']:.0f} |" for g in rows]
+              f"{g['n_test']} | {g['train_s']:.0f} |" for g in ok]
+    lines += [f"| {g['family']} | {g['mode']} | {'shuffled' if g['shuffled'] else 'true'} | error: {g['error']} | | | | | | |" for g in rows if "error" in g]
     lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; 1-minute load {m['load_before']} before, "
               f"{m['load_after']} after. {len(rows)} runs, {info['workers']} at a time (one thread each): {info['wall_s'] / 60:.0f} min.", "",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v) + ".", ""]
@@ -233,12 +247,12 @@ def write_grid(out_dir, rows: list[dict], info: dict) -> Path:
     "Write `learning_grid.csv` (every run) and `learning_grid.md` (`grid_markdown`) in `out_dir`, atomically; returns the md."
     out_dir = Path(out_dir)
     with atomic_write(out_dir/"learning_grid.csv", newline="") as f:
-        w = csv.DictWriter(f, list(rows[0])); w.writeheader(); w.writerows(rows)
+        w = csv.DictWriter(f, list(dict.fromkeys(k for r in rows for k in r))); w.writeheader(); w.writerows(rows)
     with atomic_write(out_dir/"learning_grid.md") as f: f.write(grid_markdown(rows, info))
     return out_dir/"learning_grid.md"
 
 # %% ../nbs/17_bench.ipynb 24
-def learning_grid(families=("llava", "qwen2-vl", "internvl"), modes=GRID_MODES,  # families; (mode, freeze vision) pairs
+def learning_grid(families=ALL_FAMILIES, modes=GRID_MODES,  # families; (mode, freeze vision) pairs
                   steps: int = 3000, n_train: int = 80, hidden: int = 64,  # run length, train tiles per class, tiny model width
                   controls: bool = True,  # add a label-shuffled control (full mode) per family
                   workers: int = 1,  # runs in parallel (separate processes, one thread each)
@@ -248,8 +262,9 @@ def learning_grid(families=("llava", "qwen2-vl", "internvl"), modes=GRID_MODES, 
     common = dict(steps=steps, n_train=n_train, hidden=hidden, per_device_train_batch_size=16, learning_rate=2e-3, **kw)
     runs = []
     for fam in families:
-        runs += [dict(family=fam, mode=mode, freeze_vision=fv, lora_r=32, lora_alpha=64, **common) for mode, fv in modes]
-        if controls: runs.append(dict(family=fam, mode="full", shuffle_labels=True, **common))
+        c = {**common, **FAMILY_GRID.get(fam, {})}
+        runs += [dict(family=fam, mode=mode, freeze_vision=fv, lora_r=32, lora_alpha=64, **c) for mode, fv in modes]
+        if controls: runs.append(dict(family=fam, mode="full", shuffle_labels=True, **c))
     m0, t0 = machine_info(), time.time()
     if workers > 1:
         import multiprocessing as mp
@@ -712,6 +727,10 @@ BENCHMARKS = {  # name: (function, toy-size arguments[, full-size arguments]); t
     "demo": (bench_demo, dict(steps=4, n_per_class=10, no_control=True)),
     "learning_grid": (bench_learning_grid, dict(families=("llava",), modes=(("lora", False),), steps=20, n_train=8, hidden=32,
                                                 classes=("ADI", "TUM"), n_test=4, image_size=32)),
+    # every family and mode on the two-class task (ADI vs TUM): what a 2-core CPU can run for all five families
+    "learning_grid_2class": (bench_learning_grid, dict(families=("llava",), modes=(("lora", False),), steps=20, n_train=8, hidden=32,
+                                                       classes=("ADI", "TUM"), n_test=4, image_size=32),
+                             dict(classes=("ADI", "TUM"), n_train=24, n_test=10, steps=150, hidden=64)),
 }
 QUICK_BENCHMARKS = ("generate", "metrics", "export", "clip", "vs_trl", "pcam_build")  # the default of `bench_cmd`
 

@@ -275,15 +275,19 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 def check_model_dir(model) -> Path | str:
     "Check `model` is a saved model (with its processor), a LoRA adapter directory or a hub id; a clear error otherwise."
-    from pathinsight.models import looks_like_hub_id
+    from pathinsight.models import get_family, looks_like_hub_id
     p = Path(model)
     if not p.is_dir():
         if looks_like_hub_id(str(model)): return str(model)  # an untuned base model from the hub (Table 2's base row)
         raise PathinsightError(f"model directory not found: {p}")
     if (p/"adapter_config.json").exists(): return p  # the processor may come with the base model
     if not (p/"config.json").exists(): raise PathinsightError(f"{p}: no config.json (not a saved model)")
-    if not any((p/f).exists() for f in PROCESSOR_FILES):
-        raise PathinsightError(f"{p}: no processor ({' or '.join(PROCESSOR_FILES)}); save the processor with the model")
+    files = PROCESSOR_FILES
+    try:  # causal-LM families (Qwen-VL-Chat, XComposer2) keep their processor as a tokenizer
+        if get_family(json.loads((p/"config.json").read_text()).get("model_type", "")).auto_class == "AutoModelForCausalLM": files = ("tokenizer_config.json",)
+    except (PathinsightError, json.JSONDecodeError): pass
+    if not any((p/f).exists() for f in files):
+        raise PathinsightError(f"{p}: no processor ({' or '.join(files)}); save the processor with the model")
     return p
 
 def training_seed(model) -> int:

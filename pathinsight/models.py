@@ -63,6 +63,7 @@ class Family:
     remote_code: bool = False  # needs `trust_remote_code` (loaded only when the user passes it)
     processor_wrapper: Callable | None = None  # wraps the loaded tokenizer into a processor (Qwen-VL: `QwenVLProcessor`)
     labels: str = "assistant"  # tokens learned: 'assistant' (answers and their end-of-turn) | 'chatml-markers' (also every turn's <|im_start|>, <|im_end|> and newline, as Qwen-VL's finetune.py) | 'ixc2' (built by the model: answers, their [UNUSED_TOKEN_145], the final </s>)
+    quant_skip: tuple = ()  # module paths QLoRA leaves unquantised besides head and projector (Qwen-VL: its vision tower casts images to its weights' dtype)
     inputs: str = "tokens"  # what training feeds the model: 'tokens' (input_ids, labels, image inputs) | 'samples' (IXC2's `samples` dict, from which the model builds its labels)
     tiny: Callable | None = None  # builder of a tiny random model: (tokenizer, image_size, hidden, layers, patch) -> (model, processor)
     tiny_patch: int = 8  # tiny models' patch size: 64 image tokens at 64 px for every family (Qwen/InternVL merge 2x2)
@@ -177,7 +178,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            projector="transformer.visual.attn_pool", lm="transformer.h", lm_lora=("c_attn", "attn.c_proj", "w1", "w2"),
            vision_lora=("in_proj", "out_proj", "c_fc", "c_proj"), projector_lora=("kv_proj",),
            image_token="<img>", end_token="<|im_end|>", pad_token="<|endoftext|>",
-           auto_class="AutoModelForCausalLM", remote_code=True, processor_wrapper=QwenVLProcessor, labels="chatml-markers"),
+           auto_class="AutoModelForCausalLM", remote_code=True, processor_wrapper=QwenVLProcessor, labels="chatml-markers",
+           quant_skip=("transformer.visual",)),
     Family("internlm-xcomposer2", "internlm/internlm-xcomposer2-vl-7b", model_types=("internlmxcomposer2", "internlm"),  # its config class says 'internlm' (what save_pretrained writes)
            vision="vit", projector="vision_proj", lm="model", lm_head="output",
            lm_lora=("wqkv", "wo", "w1", "w2", "w3"), vision_lora=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
@@ -335,7 +337,7 @@ def quantization_config(fam: "Family", compute_dtype: str = "auto"):
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=getattr(torch, default_compute_dtype() if compute_dtype == "auto" else compute_dtype),
-        llm_int8_skip_modules=[fam.lm_head, fam.projector])  # full paths: matched from the start of module names
+        llm_int8_skip_modules=[fam.lm_head, fam.projector, *fam.quant_skip])  # full paths: matched from the start of module names
 
 # %% ../nbs/10_models.ipynb 26
 def load_processor(src: str, fam: "Family",  # model folder or hub id; its family

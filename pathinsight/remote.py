@@ -121,17 +121,23 @@ def restore_get_head_mask(module):
               "on QWenAttention, whose non-persistent buffer counts as missing, and the remote init writes c_proj in place); "
               "logits off by up to 1.44")
 def keep_loaded_weights_on_init(module):
-    "Make the remote `_init_weights` leave alone every tensor that loading has filled."
+    "Make the remote `_init_weights` initialise only what loading left empty (its own rules, guarded as transformers 5 expects)."
     cls = getattr(module, "QWenPreTrainedModel", None)  # only the modeling module has it
     if cls is None or getattr(cls._init_weights, "_pathinsight", False): return
-    orig = cls._init_weights
     def _init_weights(self, m):
         import torch
-        loaded = {n: p.detach().clone() for n, p in m.named_parameters() if getattr(p, "_is_hf_initialized", False) and not p.is_meta}
-        orig(self, m)
+        std = self.config.initializer_range
+        def empty(p): return p is not None and p.is_floating_point() and not getattr(p, "_is_hf_initialized", False)
         with torch.no_grad():
-            for n, p in m.named_parameters():
-                if n in loaded: p.copy_(loaded[n])
+            if isinstance(m, torch.nn.Linear):
+                if empty(m.weight): m.weight.normal_(0.0, std)
+                if empty(m.bias): m.bias.zero_()
+            elif isinstance(m, torch.nn.Embedding) and empty(m.weight):
+                m.weight.normal_(0.0, std)
+                if m.padding_idx is not None: m.weight[m.padding_idx].zero_()
+            elif type(m).__name__ == "RMSNorm" and empty(m.weight): m.weight.fill_(1.0)
+            for n, p in m.named_parameters():  # the remote rule: c_proj scaled by depth
+                if n == "c_proj.weight" and empty(p): p.normal_(0.0, std / math.sqrt(2 * self.config.num_hidden_layers))
     _init_weights._pathinsight = True
     cls._init_weights = _init_weights
 
@@ -622,7 +628,7 @@ def restore_requires_grad(model):
     "Put back the `requires_grad` flags the constructor set (once, right after loading)."
     flags = model.__dict__.get("_pi_requires_grad") or {}
     for n, p in model.named_parameters():
-        if n in flags and p.requires_grad != flags[n]: p.requires_grad_(flags[n])
+        if n in flags and p.requires_grad != flags[n] and p.is_floating_point(): p.requires_grad_(flags[n])  # 4-bit weights stay frozen
     model.__dict__["_pi_requires_grad"] = None
 
 @remote_patch("internlm-xcomposer2", "tokenizer", "training forward and chat fail: 'NoneType' object is not callable (the model "
