@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_bench.ipynb 3
 from __future__ import annotations
-import contextlib, csv, inspect, json, math, os, platform, random, shutil, statistics, subprocess, sys, tempfile, time
+import contextlib, csv, importlib.util, inspect, json, math, os, platform, random, shutil, statistics, subprocess, sys, tempfile, time
 from datetime import datetime, timezone
 from pathlib import Path
 from .core import (CRC_CLASSES, PathinsightError, Record, atomic_write, make_options, progress, read_dataset,
@@ -21,12 +21,13 @@ from .metrics import caption_metrics, exact_match_accuracy, tokenize
 
 # %% auto 0
 __all__ = ['BENCH_PACKAGES', 'GRID_MODES', 'GRID_TARGET', 'ALL_FAMILIES', 'FAMILY_GRID', 'GENERATE_TARGET', 'UNGROUPED',
-           'PCAM_TARGET', 'CLIP_TARGET', 'EXPORT_TARGET', 'DEMO_TARGET_MIN', 'BENCHMARKS', 'QUICK_BENCHMARKS',
-           'machine_info', 'versions', 'side_stats', 'time_sides', 'comparison', 'table_cells', 'describe',
-           'synth_classification', 'shuffle_answers', 'learning_check', 'accuracy_report', 'grid_targets', 'utc_now',
-           'grid_markdown', 'write_grid', 'learning_grid', 'bench_generate', 'pathenhance_examples', 'bench_vs_trl',
-           'pcam_target', 'bench_pcam_build', 'bench_clip', 'bench_export', 'library_caption_metrics', 'bench_metrics',
-           'bench_demo', 'bench_learning_grid', 'results_markdown', 'record_results', 'bench_cmd']
+           'PCAM_TARGET', 'CLIP_TARGET', 'EXPORT_TARGET', 'DEMO_TARGET_MIN', 'REFERENCE_CHECKS', 'BENCHMARKS',
+           'QUICK_BENCHMARKS', 'machine_info', 'versions', 'side_stats', 'time_sides', 'comparison', 'table_cells',
+           'describe', 'synth_classification', 'shuffle_answers', 'learning_check', 'accuracy_report', 'grid_targets',
+           'utc_now', 'grid_markdown', 'write_grid', 'learning_grid', 'bench_generate', 'pathenhance_examples',
+           'bench_vs_trl', 'pcam_target', 'bench_pcam_build', 'bench_clip', 'bench_export', 'library_caption_metrics',
+           'bench_metrics', 'bench_demo', 'reference_comparison', 'bench_remote_reference', 'bench_learning_grid',
+           'results_markdown', 'record_results', 'bench_cmd']
 
 # %% ../nbs/17_bench.ipynb 6
 def machine_info() -> dict:
@@ -281,7 +282,7 @@ def learning_grid(families=ALL_FAMILIES, modes=GRID_MODES,  # families; (mode, f
         write_grid(out_dir, res, info)
     return res
 
-# %% ../nbs/17_bench.ipynb 31
+# %% ../nbs/17_bench.ipynb 33
 GENERATE_TARGET = 3.0
 
 def bench_generate(n: int = 256,  # examples
@@ -312,7 +313,7 @@ def bench_generate(n: int = 256,  # examples
     print(describe(res))
     return res
 
-# %% ../nbs/17_bench.ipynb 35
+# %% ../nbs/17_bench.ipynb 37
 def pathenhance_examples(root,  # folder for the synthetic dataset (built there)
                          n: int,  # examples to draw
                          seed: int = 0) -> list[dict]:
@@ -335,10 +336,10 @@ def _train_timer():
         def on_train_end(self, args, state, control, **kw): self.s = time.perf_counter() - self.t0
     return TrainTimer()
 
-# %% ../nbs/17_bench.ipynb 37
+# %% ../nbs/17_bench.ipynb 39
 UNGROUPED = "pathinsight, no length grouping"
 
-# %% ../nbs/17_bench.ipynb 38
+# %% ../nbs/17_bench.ipynb 40
 def _ours_run(base, out, exs, steps, batch_size, max_grad_norm, group: bool = True) -> dict:
     "One pathinsight training run of the tiny model at `base`: seconds, padding waste, steps."
     t = _train_timer()
@@ -376,7 +377,7 @@ def _trl_run(base, out, ds, steps, batch_size, max_grad_norm) -> dict:
     tr.train()
     return {"s": t.s, "padding_waste": 1 - stats["real"] / max(stats["padded"], 1), "steps": tr.state.global_step}
 
-# %% ../nbs/17_bench.ipynb 39
+# %% ../nbs/17_bench.ipynb 41
 def _vs_trl_result(st: dict, exs: list, steps: int, batch_size: int, family: str, max_grad_norm: float, ungrouped: bool) -> dict:
     "The vs-TRL results entry of the timed sides `st`."
     import torch
@@ -396,7 +397,7 @@ def _vs_trl_result(st: dict, exs: list, steps: int, batch_size: int, family: str
                     "theirs": c["theirs"] + f", padding waste {pw['TRL SFTTrainer']:.1%}"}
     return res
 
-# %% ../nbs/17_bench.ipynb 40
+# %% ../nbs/17_bench.ipynb 42
 def bench_vs_trl(n: int = 288,  # training examples
                  steps: int = 100,  # optimiser steps for each trainer
                  batch_size: int = 16,  # per-device batch size
@@ -423,7 +424,7 @@ def bench_vs_trl(n: int = 288,  # training examples
     print(describe(res))
     return res
 
-# %% ../nbs/17_bench.ipynb 44
+# %% ../nbs/17_bench.ipynb 46
 _PEAK = """
 def peak_rss():
     for line in open("/proc/self/status"):
@@ -463,7 +464,7 @@ files = sum(len(fs) for _, _, fs in os.walk(os.path.join(sys.argv[2], "images"))
 print(json.dumps({"n": st["total"]["final"], "s": s, "rss": peak_rss(), "files": files}))
 """
 
-# %% ../nbs/17_bench.ipynb 45
+# %% ../nbs/17_bench.ipynb 47
 def _child(code, *args) -> dict:
     "Run `code` in a fresh Python with `args`; the JSON of its last output line."
     p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
@@ -480,7 +481,7 @@ def pcam_target(workers: int) -> float:
     "The build's minimum patches/s ratio to the bare loop with `workers` encode threads each."
     return PCAM_TARGET[0].get(workers, PCAM_TARGET[1])
 
-# %% ../nbs/17_bench.ipynb 46
+# %% ../nbs/17_bench.ipynb 48
 def bench_pcam_build(n: int = 100_000,  # patches in the generated h5
                      workdir=None,  # where the h5 and the outputs go (default: a temporary folder, removed); an h5 there is reused
                      seed: int = 0,  # pixel seed
@@ -518,7 +519,7 @@ def bench_pcam_build(n: int = 100_000,  # patches in the generated h5
     print(describe(res))
     return res
 
-# %% ../nbs/17_bench.ipynb 50
+# %% ../nbs/17_bench.ipynb 52
 CLIP_TARGET = 1.15
 
 def bench_clip(n_images: int = 48,  # images to embed
@@ -565,7 +566,7 @@ def bench_clip(n_images: int = 48,  # images to embed
     print(describe(res))
     return res
 
-# %% ../nbs/17_bench.ipynb 55
+# %% ../nbs/17_bench.ipynb 57
 EXPORT_TARGET = 10_000
 
 def bench_export(n: int = 50_000,  # records per format
@@ -606,7 +607,7 @@ def bench_export(n: int = 50_000,  # records per format
     print(describe(res))
     return res
 
-# %% ../nbs/17_bench.ipynb 59
+# %% ../nbs/17_bench.ipynb 61
 _BENCH_WORDS = ("the tissue shows glands stroma tumour cells nuclei mitoses necrosis mucin fat lymphocytes "
                 "muscle normal colonic mucosa with of and in high grade atypia invasive adenocarcinoma "
                 "H&E, stained; section. Benign! pleomorphic").split()
@@ -642,7 +643,7 @@ def library_caption_metrics(preds: list[str], refs: list[str]) -> dict:
     n = len(preds)
     return {"bleu1": math.fsum(b) / n, "bleu1_corpus": corpus, "rouge1": math.fsum(r1) / n, "rougeL": math.fsum(rl) / n}
 
-# %% ../nbs/17_bench.ipynb 60
+# %% ../nbs/17_bench.ipynb 62
 def bench_metrics(n: int = 10_000,  # caption pairs
                   seed: int = 0,  # seed of the pairs
                   repeats: int = 3, warmup: int = 1,  # timed and untimed rounds of each side
@@ -665,7 +666,7 @@ def bench_metrics(n: int = 10_000,  # caption pairs
     print(describe(res) + f" (max |difference| {diff:.1e})")
     return res
 
-# %% ../nbs/17_bench.ipynb 64
+# %% ../nbs/17_bench.ipynb 66
 DEMO_TARGET_MIN = 6.0
 
 def bench_demo(steps: int | None = None,  # training steps (None: the demo's default, as a new user runs it)
@@ -698,7 +699,54 @@ def bench_demo(steps: int | None = None,  # training steps (None: the demo's def
     print(describe(res))
     return res
 
-# %% ../nbs/17_bench.ipynb 68
+# %% ../nbs/17_bench.ipynb 70
+def reference_comparison(fixture,  # a fixture of tools/remote_reference.py (nbs/fixtures/remote/*.json)
+                         skip: str = "",  # patches to leave out (PATHINSIGHT_SKIP_PATCHES): the negative check
+                         atol: float = 1e-5,  # largest logit difference accepted
+                         repo=None) -> dict:  # the repository (tools/, nbs/fixtures/); default: beside the installed package
+    "Rebuild `fixture`'s tiny checkpoint, load it with `load_model` (patches minus `skip`) and compare with the reference outputs."
+    import subprocess, sys, tempfile
+    from pathinsight.remote import remote_code_dir
+    repo = Path(repo) if repo else Path(__file__).resolve().parents[1]
+    script, setup = repo/"tools"/"remote_reference.py", repo/"tools"/"pathinsight_setup.py"
+    if not script.exists(): raise PathinsightError(f"{script} not found: the reference comparison runs from a checkout of the repository")
+    if remote_code_dir() is None: raise PathinsightError("shared/remote-code not found (or set PATHINSIGHT_REMOTE_CODE)")
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d)/"here.json"
+        env = {**os.environ, "PATHINSIGHT_SKIP_PATCHES": skip, "PATHINSIGHT_QUIET": "1"}
+        p = subprocess.run([sys.executable, str(script), "outputs", "--fixture", str(fixture), "--remote-dir", str(remote_code_dir()),
+                            "--out", str(out), "--setup", str(setup)], capture_output=True, text=True, env=env, cwd=d)
+        if not out.exists(): raise PathinsightError(f"{fixture}: no outputs ({p.stderr.strip().splitlines()[-1:]})")
+        spec = importlib.util.spec_from_file_location("remote_reference", script); rr = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(rr)
+        return rr.compare(json.loads(Path(fixture).read_text()), json.loads(out.read_text()), atol)
+
+REFERENCE_CHECKS = {  # family: (fixture, atol, a patch whose absence the comparison must catch)
+    "qwen-vl": ("qwen-vl.json", 1e-5, "keep_loaded_weights_on_init"),
+    "internlm-xcomposer2": ("ixc2.json", 1e-4, "recompute_rotary_tables"),
+}
+
+def bench_remote_reference(repo=None) -> dict:  # the repository (default: beside the installed package)
+    "Both remote-code families against their transformers 4.33.2 reference outputs, with and without one silent-failure patch."
+    repo = Path(repo) if repo else Path(__file__).resolve().parents[1]
+    t0, rows = time.perf_counter(), {}
+    for fam, (fx, atol, patch) in REFERENCE_CHECKS.items():
+        ok = reference_comparison(repo/"nbs"/"fixtures"/"remote"/fx, "", atol, repo)
+        bad = reference_comparison(repo/"nbs"/"fixtures"/"remote"/fx, patch, atol, repo)
+        rows[fam] = {"with_patches": ok, "without": patch, "without_patch": bad}
+    wall = time.perf_counter() - t0
+    met = all(r["with_patches"]["ok"] and not r["without_patch"]["ok"] for r in rows.values())
+    fmt = lambda r: f"logits max |diff| {r.get('logits_max_abs_diff', float('nan')):.2g}, greedy {'=' if r['greedy_ids_equal'] else '≠'}, loss Δ {r['loss_abs_diff']:.2g}"
+    res = {"name": "remote_reference", "what": "remote-code families loaded by load_model vs transformers 4.33.2 reference outputs (tools/remote_reference.py)",
+           "unit": "s", "ours": {"label": "remote_reference", "runs_s": [wall], "min_s": wall, "median_s": wall},
+           "theirs": None, "ratio": None, "runs": rows, "met": met,
+           "target": "Qwen-VL logits within 1e-5, XComposer2 within 1e-4, identical greedy tokens, labels and loss; each comparison fails without its patch",
+           "cells": {"ours": "; ".join(f"{f}: {fmt(r['with_patches'])}" for f, r in rows.items()),
+                     "theirs": "; ".join(f"{f} without {r['without']}: {'fails' if not r['without_patch']['ok'] else 'PASSES'} "
+                                         f"({fmt(r['without_patch'])})" for f, r in rows.items()), "ratio": "–"}}
+    print(describe(res))
+    return res
+
 def bench_learning_grid(out_dir=None,  # folder for learning_grid.csv / .md
                         workers: int = 2,  # runs in parallel
                         **kw) -> dict:
@@ -727,6 +775,7 @@ BENCHMARKS = {  # name: (function, toy-size arguments[, full-size arguments]); t
     "demo": (bench_demo, dict(steps=4, n_per_class=10, no_control=True)),
     "learning_grid": (bench_learning_grid, dict(families=("llava",), modes=(("lora", False),), steps=20, n_train=8, hidden=32,
                                                 classes=("ADI", "TUM"), n_test=4, image_size=32)),
+    "remote_reference": (bench_remote_reference, {}),
     # every family and mode on the two-class task (ADI vs TUM): what a 2-core CPU can run for all five families
     "learning_grid_2class": (bench_learning_grid, dict(families=("llava",), modes=(("lora", False),), steps=20, n_train=8, hidden=32,
                                                        classes=("ADI", "TUM"), n_test=4, image_size=32),
@@ -734,7 +783,7 @@ BENCHMARKS = {  # name: (function, toy-size arguments[, full-size arguments]); t
 }
 QUICK_BENCHMARKS = ("generate", "metrics", "export", "clip", "vs_trl", "pcam_build")  # the default of `bench_cmd`
 
-# %% ../nbs/17_bench.ipynb 69
+# %% ../nbs/17_bench.ipynb 71
 def _cell(s) -> str: return str(s).replace("|", "\\|").replace("\n", " ")
 
 def results_markdown(results: dict) -> str:
@@ -765,7 +814,7 @@ def results_markdown(results: dict) -> str:
         lines += ["- versions: " + ", ".join(f"{p} {v}" for p, v in e["versions"].items() if v)]
     return "\n".join(lines) + "\n"
 
-# %% ../nbs/17_bench.ipynb 70
+# %% ../nbs/17_bench.ipynb 72
 def record_results(out,  # results folder
                    entries: dict,  # {benchmark name: entry}
                   ) -> dict:
@@ -780,7 +829,7 @@ def record_results(out,  # results folder
 
 def _jsonable(x): return json.loads(json.dumps(x, default=str))
 
-# %% ../nbs/17_bench.ipynb 71
+# %% ../nbs/17_bench.ipynb 73
 def bench_cmd(names: list = None,  # benchmarks to run (default: the quick ones: generate metrics export clip vs_trl pcam_build; also pcam_build_1thread, demo, learning_grid)
               out: str = "benchmarks",  # folder of results.md and results.json (merged: a rerun replaces only its entries)
               repeats: int = 3,  # timed repetitions of each side, after one warm-up round
