@@ -267,7 +267,7 @@ def image_file(image, cache_dir=None) -> str:
     a = np.asarray(image.convert("RGB"))
     d = Path(cache_dir or image_cache_dir())
     out = d/f"{hashlib.sha1(a.tobytes() + str(a.shape).encode()).hexdigest()[:20]}.png"
-    if len(str(out.resolve()).encode()) > 256: raise PathinsightError(f"image cache path longer than 256 bytes: set PATHINSIGHT_IMAGE_CACHE to a shorter folder")
+    if len(str(out.resolve()).encode()) > 256: raise PathinsightError(f"image cache path longer than 256 bytes ({out}): set PATHINSIGHT_IMAGE_CACHE to a shorter folder")
     if not out.exists():
         d.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -765,7 +765,6 @@ TINY_REMOTE_CONFIGS["internlm-xcomposer2"] = dict(
 
 def _ixc2_files(src: Path, out: Path) -> dict:
     "Copy IXC2's remote code (with `IXC2_TINY_EDITS`) and vocabulary into `out`; the tiny config, with its CLIP folder written."
-    import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
     for f in src.iterdir():
         if f.suffix in (".py", ".model") or f.name == "LICENSE": shutil.copy(f, out/f.name)
