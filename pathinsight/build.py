@@ -4,25 +4,27 @@
 
 # %% ../nbs/08_build.ipynb 3
 from __future__ import annotations
-import dataclasses, inspect, io, json, os, shutil, tempfile, threading
+import dataclasses, inspect, io, json, os, re, shutil, tempfile, threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import pathinsight
 from .core import (PathinsightError, Record, Rejection, TASKS, atomic_dir, atomic_write, bytes_sha256,
-                              config_from_dict, file_sha256, get_logger, load_config, progress, record_features, rng_for,
+                              config_from_dict, file_sha256, get_logger, load_config, progress, read_config_file, record_features, rng_for,
                               stable_hash, unknown_keys_error, write_json, write_jsonl)
 from .synth import write_synth
 from .images import close_images, is_container_ref, open_image, to_rgb
-from .sources import LOADERS, load_source
+from .sources import IMAGE_LOCATIONS, LOADERS, load_source
 from .clean import CleanConfig, UnionFind, clean_records
 from .clip import ClipConfig, clip_filter_records
 
 # %% auto 0
-__all__ = ['PAPER_CAPS', 'SourceSpec', 'BuildConfig', 'synth_specs', 'paper_config', 'input_hash', 'load_all', 'sample_balanced',
-           'group_split', 'count_leaks', 'encode_png', 'materialise_image', 'table1', 'build_stats',
+__all__ = ['PAPER_CAPS', 'PAPER_RECIPE', 'PAPER_TABLE1', 'SourceSpec', 'BuildConfig', 'synth_specs', 'fill_data_dir',
+           'scale_config', 'build_config', 'paper_config', 'input_hash', 'load_all', 'sample_balanced', 'group_split',
+           'count_leaks', 'encode_png', 'materialise_image', 'table1', 'build_stats', 'table1_beside_paper',
            'clip_filter_sources', 'resolve_specs', 'count_records', 'ImageStager', 'clean_sources', 'rejection_rows',
-           'sample_sources', 'assign_splits', 'store_images', 'save_splits', 'write_reports', 'build', 'build_cmd']
+           'source_warnings', 'sample_sources', 'assign_splits', 'store_images', 'save_splits', 'write_reports',
+           'build', 'build_cmd']
 
 # %% ../nbs/08_build.ipynb 6
 PAPER_CAPS = {"bladder/caption": 14300, "openpath/caption": 8900, "pcam/classify": 10000, "crc/classify": 7200,
@@ -61,6 +63,8 @@ class BuildConfig:
     synth_per_class: int = 20  # synthetic tiles per class when no sources are given
     synth_size: int = 224  # synthetic tile side when no sources are given
     workers: int = 2  # threads that PNG-encode and write container images (PCam) during cleaning
+    warn_rejected: float = 0.5  # warn when more than this fraction of a source's records is rejected
+    strict: bool = False  # ... and fail instead of warning (nothing is written)
 
     def __post_init__(self):
         self.sources = [s if isinstance(s, SourceSpec) else config_from_dict(SourceSpec, s, where=f"sources[{i}]")
@@ -94,17 +98,54 @@ def synth_specs(root) -> list[SourceSpec]:
             SourceSpec("jsonl", str(root/"vqa.jsonl"), "synth", ["vqa"], options={"task": "vqa"}),
             SourceSpec("llava_med", str(root/"conversations.json"), "synth", ["conversation"], id_tag="conv")]
 
-def paper_config(root) -> BuildConfig:
-    "A config for the paper's six sources in their native layouts under `root` (edit paths as needed)."
-    r = Path(root)
-    return BuildConfig(sources=[
-        SourceSpec("bladder", str(r/"bladder/Report/train_annotation.json"), tasks=["caption"]),
-        SourceSpec("openpath", str(r/"openpath/tweets.csv"), tasks=["caption"]),
-        SourceSpec("pcam", str(r/"pcam"), tasks=["classify"], options={"split": "train"}),
-        SourceSpec("crc", str(r/"CRC-VAL-HE-7K"), tasks=["classify"]),
-        SourceSpec("pathvqa", str(r/"pathvqa"), tasks=["vqa"]),
-        SourceSpec("llava_med", str(r/"llava_med/llava_med_instruct_10k.json"), tasks=["caption", "conversation"],
-                   options={"image_dir": str(r/"llava_med/images")})])
+PAPER_RECIPE = Path(pathinsight.__file__).parent/"configs"/"paper_build.yaml"  # the paper's recipe, shipped with the package
+
+def fill_data_dir(obj,  # a config (dict / list / str) that may hold `{data}` placeholders
+                  data: str | None,  # the folder `pathinsight download` wrote
+                 ):
+    "The config with every `{data}` replaced by `data`; an error if one is left and no folder is given."
+    if isinstance(obj, dict): return {k: fill_data_dir(v, data) for k, v in obj.items()}
+    if isinstance(obj, list): return [fill_data_dir(v, data) for v in obj]
+    if isinstance(obj, str) and "{data}" in obj:
+        if data is None: raise PathinsightError(f"the config's path {obj!r} needs the data folder: pass --data DIR")
+        return obj.replace("{data}", str(Path(data)))
+    return obj
+
+def scale_config(d: dict,  # a build config as a dict
+                 scale: float,  # factor applied to every cap and CLIP top-k (1: as written)
+                ) -> dict:
+    "The config with caps and CLIP top-k multiplied by `scale` (at least 1 each)."
+    if scale == 1: return d
+    if not 0 < scale: raise PathinsightError(f"scale must be > 0, got {scale}")
+    n = lambda v: max(1, round(v*scale))
+    d = {**d, "caps": {k: n(v) for k, v in (d.get("caps") or {}).items()}}
+    srcs = []
+    for s in d.get("sources", []):
+        s = dict(s)
+        if s.get("cap"): s["cap"] = n(s["cap"])
+        if (s.get("clip") or {}).get("top_k"): s["clip"] = {**s["clip"], "top_k": n(s["clip"]["top_k"])}
+        srcs.append(s)
+    return {**d, "sources": srcs}
+
+def build_config(config=None,  # YAML/JSON file, `paper` (the shipped recipe) or None (the embedded synthetic dataset)
+                 data: str | None = None,  # the folder `pathinsight download` wrote: fills `{data}` in the paths
+                 scale: float = 1.0,  # multiply caps and CLIP top-k (e.g. 0.01 for a quick run)
+                 clip_model: str | None = None,  # CLIP model for the config's filters (default: as the config says)
+                 strict: bool = False,  # fail when most of a source's records are rejected
+                ) -> BuildConfig:
+    "A `BuildConfig` from a file, the paper's recipe or nothing, with `{data}` filled and caps scaled."
+    path = PAPER_RECIPE if config == "paper" else config
+    d = scale_config(fill_data_dir(read_config_file(path) if path else {}, data), scale)
+    if clip_model: d["sources"] = [{**s, "clip": {**s["clip"], "model": clip_model}} if s.get("clip") else s for s in d.get("sources", [])]
+    if strict: d["strict"] = True
+    return config_from_dict(BuildConfig, d, where=str(path or "config"))
+
+def paper_config(data,  # the folder `pathinsight download` wrote (one sub-folder per dataset)
+                 scale: float = 1.0,  # multiply caps and CLIP top-k (e.g. 0.01 for a quick run)
+                 clip_model: str | None = None,  # CLIP model for the filters (default: BiomedCLIP, as in the paper)
+                ) -> BuildConfig:
+    "The paper's PathEnhanceDS recipe (`configs/paper_build.yaml`) over the downloaded folders."
+    return build_config("paper", data, scale, clip_model)
 
 # %% ../nbs/08_build.ipynb 13
 def input_hash(path) -> dict:
@@ -268,6 +309,27 @@ def build_stats(original: dict,  # (source, task) -> records loaded (and rejecte
             "skipped_task": {f"{s}/{t}": n for (s, t), n in sorted((skipped or {}).items())},
             "not_sampled": {f"{s}/{t}": n - final_n.get((s, t), 0) for (s, t), n in sorted(cleaned.items())}}
 
+PAPER_TABLE1 = {"bladder": 14300, "openpath": 8900, "pcam": 10000, "crc": 7200, "pathvqa": 1000,  # PathEnhanceDS as the
+                "llava_med_10k": 2500, "llava_med_60k": 5200}  # paper's Table 1 reports it: source -> records
+
+def table1_beside_paper(stats: dict,  # a build's statistics
+                        scale: float = 1.0,  # the scale the build ran at (the paper's counts are scaled to match)
+                        paper: dict = PAPER_TABLE1,  # source -> the paper's record count
+                       ) -> str:
+    "A markdown table of each source's final records beside the paper's Table 1 (scaled)."
+    ours, tasks = {}, {}
+    for r in stats["rows"]:
+        ours[r["source"]] = ours.get(r["source"], 0) + r["final"]
+        tasks.setdefault(r["source"], []).append(r["task"])
+    lines = [f"| Source | Tasks | Paper | Paper × {scale:g} | Ours | Ours / paper |", "|---|---|---:|---:|---:|---:|"]
+    for src in list(paper) + [s for s in ours if s not in paper]:
+        p = paper.get(src)
+        want = max(1, round(p*scale)) if p else None
+        ratio = f"{ours.get(src, 0)/want:.2f}" if want else "–"
+        lines.append(f"| {src} | {', '.join(tasks.get(src, [])) or '–'} | {f'{p:,}' if p else '–'} | "
+                     f"{f'{want:,}' if want else '–'} | {ours.get(src, 0):,} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
 # %% ../nbs/08_build.ipynb 26
 def clip_filter_sources(records: list,  # cleaned records of all sources
                         spec_of: dict,  # source name -> SourceSpec
@@ -335,6 +397,28 @@ def clean_sources(records: list, cfg: BuildConfig, stage_dir: Path) -> tuple:
 def rejection_rows(rejections: list, task_of: dict) -> list:
     "Rejections as rows of `rejections.jsonl`, each with the task of its record."
     return [{**x.to_dict(), "task": task_of.get(x.id, "")} for x in rejections]
+
+def source_warnings(original: dict,  # (source, task) -> records loaded (and rejected at load)
+                    rej_rows: list,  # every rejection row so far
+                    specs: list,  # the build's SourceSpecs
+                    threshold: float = 0.5,  # warn above this rejected fraction
+                   ) -> list[str]:
+    "One line per source that lost more than `threshold` of its records: the main reason, and where its images are expected."
+    loaded, lost, reasons = {}, {}, {}
+    for (src, _), n in original.items(): loaded[src] = loaded.get(src, 0) + n
+    for r in rej_rows:
+        lost[r["source"]] = lost.get(r["source"], 0) + 1
+        reasons.setdefault(r["source"], {}).setdefault(r["reason"], []).append(r)
+    out, spec_of = [], {}
+    for sp in specs: spec_of.setdefault(sp.name, sp)
+    for src, n in loaded.items():
+        if not n or lost.get(src, 0) <= threshold*n: continue
+        reason, rows = max(reasons[src].items(), key=lambda kv: len(kv[1]))
+        line = f"source {src!r}: {lost[src]:,} of {n:,} records rejected ({len(rows):,} {reason}; e.g. {rows[0]['detail']})"
+        if reason == "missing_image" and src in spec_of:
+            line += f"; the {spec_of[src].loader} loader looks for images in {IMAGE_LOCATIONS[spec_of[src].loader]}"
+        out.append(line)
+    return out
 
 # %% ../nbs/08_build.ipynb 30
 def sample_sources(kept: list, specs: list, cfg: BuildConfig, seed: int) -> list:
@@ -413,13 +497,16 @@ def build(config=None,  # BuildConfig, dict, YAML/JSON path, or None (the embedd
             res, staged = clean_sources(recs, cfg, tmp/".staged")
             kept, clip_rej = clip_filter_sources(res.kept, {s.name: s for s in specs})
             rej_rows += rejection_rows(res.rejected + clip_rej, task_of)
+            warns = source_warnings(original, rej_rows, specs, cfg.warn_rejected)
+            if warns and cfg.strict: raise PathinsightError(f"{warns[0]} (strict: nothing written)")
+            for w in warns: get_logger().warning(w)
             final = sample_sources(kept, specs, cfg, seed)
             leaks = assign_splits(final, res.clusters, cfg.test_frac, seed)
             image_hashes = store_images(final, res.images, tmp, staged)
             shutil.rmtree(tmp/".staged", ignore_errors=True)
             fp = _fingerprint(final, image_hashes)
             save_splits(final, tmp, fp, out, cfg.test_frac)
-            stats = build_stats(original, count_records(kept), final, rej_rows, leaks, fp, skipped)
+            stats = {**build_stats(original, count_records(kept), final, rej_rows, leaks, fp, skipped), "warnings": warns}
             write_reports(tmp, stats, rej_rows, {
                 "pathinsight_version": pathinsight.__version__, "datasets_version": datasets.__version__, "seed": seed,
                 "config": asdict(cfg), "inputs": inputs, "fingerprint": fp,
@@ -429,12 +516,17 @@ def build(config=None,  # BuildConfig, dict, YAML/JSON path, or None (the embedd
                           f"{stats['total']['test']} test), {len(rej_rows)} rejected, leaks {leaks}")
     return stats
 
-# %% ../nbs/08_build.ipynb 50
-def build_cmd(config: str = None,  # YAML/JSON build config (default: the embedded synthetic dataset)
+# %% ../nbs/08_build.ipynb 52
+def build_cmd(config: str = None,  # YAML/JSON build config, or `paper` for the paper's recipe (default: the embedded synthetic dataset)
               out: str = "pathenhance_ds",  # output folder (replaced atomically when the build succeeds)
               seed: int = None,  # random seed (default: the config's, 0)
+              data: str = None,  # the folder `pathinsight download` wrote (fills `{data}` in the config's paths)
+              scale: float = 1.0,  # multiply every cap and CLIP top-k (a quick run on part of the data)
+              clip_model: str = None,  # CLIP model for the config's filters (default: the config's; BiomedCLIP for `paper`)
+              strict: bool = False,  # fail, writing nothing, when most of a source's records are rejected (default: warn)
              ):
     "Build PathEnhanceDS (DatasetDict, images, Table 1, rejections, manifest) from a config."
-    st = build(config, out, seed)
+    st = build(build_config(config, data, scale, clip_model, strict), out, seed)
     print(table1(st), end="")
+    if config == "paper": print("\nBeside the paper's Table 1:\n\n" + table1_beside_paper(st, scale), end="")
     return st

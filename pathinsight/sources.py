@@ -12,10 +12,10 @@ from .core import (CRC_CLASSES, LABEL_SETS, PCAM_CLASSES, PathinsightError, Reco
 from .images import IMAGE_EXTS
 
 # %% auto 0
-__all__ = ['PATHOLOGY_KEYWORDS', 'BLADDER_DIAGNOSES', 'LOADERS', 'split_results', 'only_records', 'load_crc', 'pcam_paths',
-           'balanced_indices', 'load_pcam', 'write_pcam_h5', 'answer_type', 'load_pathvqa', 'is_pathology',
-           'load_llava_med', 'clean_tweet', 'load_openpath', 'bladder_diagnosis', 'load_bladder', 'load_records_jsonl',
-           'load_source']
+__all__ = ['PATHOLOGY_KEYWORDS', 'BLADDER_DIAGNOSES', 'LOADERS', 'IMAGE_LOCATIONS', 'split_results', 'only_records', 'load_crc',
+           'pcam_paths', 'balanced_indices', 'load_pcam', 'write_pcam_h5', 'answer_type', 'official_split',
+           'load_pathvqa', 'is_pathology', 'load_llava_med', 'clean_tweet', 'load_openpath', 'bladder_diagnosis',
+           'load_bladder', 'load_records_jsonl', 'load_source']
 
 # %% ../nbs/05_sources.ipynb 6
 def split_results(items: Iterable,  # records and rejections, as yielded by a loader
@@ -179,9 +179,15 @@ def answer_type(answer: str) -> str:
     "`closed` for a yes/no answer, else `open`."
     return "closed" if str(answer).strip().lower().rstrip(".") in ("yes", "no") else "open"
 
-def _pvqa_record(source, rid, image, q, a, group, prov, extra=None):
+def _pvqa_record(source, rid, image, q, a, group, prov, split=""):
     return Record(rid, source, "vqa", image=image, question=str(q), answer=str(a), answer_type=answer_type(a),
-                  group=group, provenance=prov, meta=json.dumps(extra or {}))
+                  group=group, provenance=prov, meta=json.dumps({"official_split": split} if split else {}))
+
+_SPLIT_NAMES = {"validation": "val", "valid": "val", "dev": "val"}
+
+def official_split(name: str) -> str:
+    "A PathVQA split name as `train`, `val` or `test` (HF says `validation`)."
+    return _SPLIT_NAMES.get(name.lower(), name.lower())
 
 def _pvqa_image_dirs(path: Path, image_dir, split):
     if image_dir is not None: return [Path(image_dir), Path(image_dir)/split] if split else [Path(image_dir)]
@@ -194,16 +200,18 @@ def load_pathvqa(path,  # HF parquet file or folder, LXMERT json, or qas pkl
                  source: str = "pathvqa",  # source name stored in the records
                  allow_pickle: bool = False,  # allow reading the original pickle files (runs code from the file!)
                  check_images: bool = True,  # reject rows whose image file is absent
+                 split: str = "",  # read only this official split: train | val | test ('' = every split found)
                 ) -> Iterator[Record | Rejection]:
-    "Yield `vqa` records from any PathVQA layout, with closed/open derived from the answer."
-    path = _need(path, "PathVQA file")
+    "Yield `vqa` records from any PathVQA layout, closed/open derived from the answer, the official split kept in `meta`."
+    path, want = _need(path, "PathVQA file"), official_split(split) if split else ""
     if path.is_dir() and ((path/"state.json").exists() or (path/"dataset_dict.json").exists()):
-        yield from _pathvqa_saved(path, source); return
+        yield from _pathvqa_saved(path, source, want); return
     if path.is_dir() or path.suffix == ".parquet":
         files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
         if not files: raise PathinsightError(f"{path}: no .parquet files (HF PathVQA layout) found")
-        yield from _pathvqa_parquet(files, source); return
+        yield from _pathvqa_parquet(files, source, want); return
     split = re.sub(r"^(pvqa_|qa_)", "", path.stem) if path.suffix in (".json", ".pkl") else ""
+    if want and official_split(split) != want: raise PathinsightError(f"{path}: holds the {split!r} split, not {want!r}")
     dirs = _pvqa_image_dirs(path, image_dir, split)
     if path.suffix == ".pkl":
         if not allow_pickle: raise PathinsightError(f"{path}: reading a pickle runs code from the file; pass allow_pickle=True only for a file you trust")
@@ -217,7 +225,7 @@ def load_pathvqa(path,  # HF parquet file or folder, LXMERT json, or qas pkl
             img = _find_image(str(row["image"]), dirs)
             if img is None and check_images:
                 yield _rej(rid, source, "missing_image", f"{path}[{i}]: image {row['image']!r} not in {dirs[0]}"); continue
-            yield _pvqa_record(source, rid, str(img or row["image"]), row["question"], row["answer"], str(row["image"]), f"{path.name}[{i}]")
+            yield _pvqa_record(source, rid, str(img or row["image"]), row["question"], row["answer"], str(row["image"]), f"{path.name}[{i}]", official_split(split))
         return
     data = _read_json(path)
     if not isinstance(data, list): raise PathinsightError(f"{path}: expected a JSON list of {{img_id, sentf, labelf}} entries")
@@ -235,15 +243,17 @@ def load_pathvqa(path,  # HF parquet file or folder, LXMERT json, or qas pkl
             rid = f"{source}-{img_id}-{j}"
             if img is None and check_images:
                 yield _rej(rid, source, "missing_image", f"{path}[{i}]: image {img_id!r} not found in {dirs[0]}"); continue
-            yield _pvqa_record(source, rid, str(img) if img else str(img_id), q, a, str(img_id), f"{path.name}[{i}][{j}]")
+            yield _pvqa_record(source, rid, str(img) if img else str(img_id), q, a, str(img_id), f"{path.name}[{i}][{j}]", official_split(split))
 
 # %% ../nbs/05_sources.ipynb 21
-def _pathvqa_saved(path: Path, source):
+def _pathvqa_saved(path: Path, source, want: str = ""):
     "A `save_to_disk` Dataset or DatasetDict folder (arrow files) with image/question/answer columns."
     if (path/"dataset_dict.json").exists():
         splits = json.loads((path/"dataset_dict.json").read_text())["splits"]
         dirs = [(sp, path/sp) for sp in splits]
     else: dirs = [(path.name, path)]
+    dirs = [(sp, d) for sp, d in dirs if not want or official_split(sp) == want]
+    if not dirs: raise PathinsightError(f"{path}: no {want!r} split")
     for split, d in dirs:
         from datasets import load_from_disk
         ds = load_from_disk(str(d.resolve()))
@@ -254,26 +264,31 @@ def _pathvqa_saved(path: Path, source):
             for q, a in zip(batch["question"], batch["answer"]):
                 rid = f"{source}-{split}-{row:06d}"
                 if q is None or a is None: yield _rej(rid, source, "malformed_row", f"{d}#{row}: empty question or answer")
-                else: yield _pvqa_record(source, rid, f"hfds://{d.resolve()}#{row}", q, a, rid, f"{split}#{row}")
+                else: yield _pvqa_record(source, rid, f"hfds://{d.resolve()}#{row}", q, a, rid, f"{split}#{row}", official_split(split))
                 row += 1
 
-def _pathvqa_parquet(files, source):
+def _pathvqa_parquet(files, source, want: str = ""):
+    "Rows of HF parquet shards (`<split>-0000i-of-0000n.parquet`); ids count on across the shards of a split."
     import pyarrow.parquet as pq
+    files = [f for f in files if not want or official_split(f.stem.split("-")[0]) == want]
+    if not files: raise PathinsightError(f"no parquet shard of the {want!r} split")
+    offset = {}
     for f in files:
         pf = pq.ParquetFile(f)
         cols = set(pf.schema_arrow.names)
         if not {"image", "question", "answer"} <= cols:
             raise PathinsightError(f"{f}: columns {sorted(cols)} lack image/question/answer (HF PathVQA layout)")
-        split = f.stem.split("-")[0]
-        row = 0
+        split, row = f.stem.split("-")[0], 0
+        base = offset.get(split, 0)
         for batch in pf.iter_batches(columns=["question", "answer"], batch_size=4096):
             for q, a in zip(batch.column("question").to_pylist(), batch.column("answer").to_pylist()):
-                rid = f"{source}-{split}-{row:06d}"
+                rid = f"{source}-{split}-{base + row:06d}"
                 if q is None or a is None: yield _rej(rid, source, "malformed_row", f"{f}#{row}: empty question or answer")
-                else: yield _pvqa_record(source, rid, f"parquet://{f.resolve()}#{row}", q, a, rid, f"{f.name}#{row}")
+                else: yield _pvqa_record(source, rid, f"parquet://{f.resolve()}#{row}", q, a, rid, f"{f.name}#{row}", official_split(split))
                 row += 1
+        offset[split] = base + row
 
-# %% ../nbs/05_sources.ipynb 26
+# %% ../nbs/05_sources.ipynb 28
 PATHOLOGY_KEYWORDS = ("histolog", "histopath", "patholog", "h&e", "h & e", "hematoxylin", "haematoxylin", "eosin",
                       "biopsy", "stain", "carcinoma", "tumor", "tumour", "tissue", "cells", "lymph", "mucosa",
                       "epitheli", "stroma", "gland", "immunohisto", "micrograph", "necrosis", "neoplasm")
@@ -294,7 +309,7 @@ def _strip_image(text: str) -> tuple[str, str]:
 
 _ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
-# %% ../nbs/05_sources.ipynb 27
+# %% ../nbs/05_sources.ipynb 29
 def _llava_med_rows(path: Path) -> list:
     "The rows of a LLaVA-Med JSON list or JSON Lines file; a malformed line is kept as its error (it becomes a rejection)."
     if path.suffix != ".jsonl":
@@ -331,7 +346,7 @@ def _llava_med_record(rid, source, row, turns, pos, kind, img, where) -> Record:
                       provenance=where, meta=json.dumps({**meta, "prompt": turns[0]["content"]}))
     return Record(rid, source, "conversation", image=str(img), turns=turns, group=group, provenance=where, meta=json.dumps(meta))
 
-# %% ../nbs/05_sources.ipynb 28
+# %% ../nbs/05_sources.ipynb 30
 def load_llava_med(path,  # instruct json (list) / jsonl, or the eval QA jsonl
                    image_dir=None,  # folder of the images (default: the file's folder)
                    source: str = "llava_med",  # source name stored in the records
@@ -357,7 +372,7 @@ def load_llava_med(path,  # instruct json (list) / jsonl, or the eval QA jsonl
             yield _rej(rid, source, "missing_image", f"{where}: image {img} not found"); continue
         yield _llava_med_record(rid, source, row, turns, pos, kind, img, where)
 
-# %% ../nbs/05_sources.ipynb 32
+# %% ../nbs/05_sources.ipynb 34
 _URL = re.compile(r"(https?://\S+|www\.\S+|pic\.twitter\.com/\S+)")
 _MENTION = re.compile(r"(?<![\w@])@\w+:?")
 
@@ -400,7 +415,7 @@ def load_openpath(path,  # csv with tweet id, text and image file columns
             yield Record(rid, source, "caption", image=str(ip), caption=clean_tweet(text), group=tid,
                          provenance=f"{path.name} row {i+2}", meta=json.dumps({"tweet_id": tid}))
 
-# %% ../nbs/05_sources.ipynb 35
+# %% ../nbs/05_sources.ipynb 37
 BLADDER_DIAGNOSES = ("insufficient information", "high grade", "low grade", "normal")
 
 def bladder_diagnosis(report: str) -> str:
@@ -439,7 +454,7 @@ def load_bladder(path,  # annotation json (either layout)
             yield Record(f"{rid}-{k}" if captions == "all" else rid, source, "caption", image=str(img or idir/name),
                          caption=caps[k], group=slide, provenance=where, meta=json.dumps(meta))
 
-# %% ../nbs/05_sources.ipynb 38
+# %% ../nbs/05_sources.ipynb 40
 def _row_options(row: dict, label_set: str) -> list:
     "The label set of a classify row: its own `options` (dict label -> answer, or a list of answers), else `label_set`."
     opts = row.get("options")
@@ -479,7 +494,19 @@ def load_records_jsonl(path,  # JSON Lines file with record fields
 LOADERS = {"crc": load_crc, "pcam": load_pcam, "pathvqa": load_pathvqa, "llava_med": load_llava_med,
            "openpath": load_openpath, "bladder": load_bladder, "jsonl": load_records_jsonl}
 
-# %% ../nbs/05_sources.ipynb 39
+IMAGE_LOCATIONS = {  # loader -> where it looks for images (a build that misses most of them says this)
+    "crc": "tiles inside the class folders: <root>/<CLASS>/<CLASS>-....tif",
+    "pcam": "inside the split's camelyonpatch_level_2_split_<split>_x.h5",
+    "pathvqa": "inside the HF parquet files; for the LXMERT json / qas pkl: `image_dir`, else images/<split>/ beside the file",
+    "llava_med": "`image_dir` (default: the json's folder) under each row's `image` name; the images come from PMC "
+                 "(`pathinsight download llava-med-instruct`)",
+    "openpath": "`image_dir` (default: the csv's folder) at each row's image path; tweets and their images come from the X API "
+                "(`pathinsight download openpath`)",
+    "bladder": "`image_dir` (default: Images/ beside the Report/ folder) as <image name>.png",
+    "jsonl": "`image_dir` (default: the file's folder) at each row's `image` path",
+}
+
+# %% ../nbs/05_sources.ipynb 42
 def load_source(loader: str,  # a key of LOADERS
                 path,  # the source's file or folder
                 **options,  # loader keywords (source, k, seed, image_dir, ...)
