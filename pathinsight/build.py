@@ -516,7 +516,7 @@ def build(config=None,  # BuildConfig, dict, YAML/JSON path, or None (the embedd
                           f"{stats['total']['test']} test), {len(rej_rows)} rejected, leaks {leaks}")
     return stats
 
-# %% ../nbs/08_build.ipynb 52
+# %% ../nbs/08_build.ipynb 55
 def build_cmd(config: str = None,  # YAML/JSON build config, or `paper` for the paper's recipe (default: the embedded synthetic dataset)
               out: str = "pathenhance_ds",  # output folder (replaced atomically when the build succeeds)
               seed: int = None,  # random seed (default: the config's, 0)
