@@ -14,6 +14,8 @@ __all__ = ['COMMANDS', 'command_parser', 'load_command', 'main', 'cli']
 COMMANDS = {  # subcommand: (module:function, one-line help[, parameters taken as optional positionals])
     "demo": ("pathinsight.demo:demo_cmd", "run the whole pipeline on the synthetic data, end to end, and write report.md"),
     "synth": ("pathinsight.synth:synth_cmd", "write the embedded synthetic H&E dataset"),
+    "download": ("pathinsight.download:download_cmd", "fetch the sources and benchmarks from their public hosts (resume, mirrors, checksums, licences)",
+                 ("names",)),
     "build": ("pathinsight.build:build_cmd", "build PathEnhanceDS from native-format sources (default: the synthetic data)", ("config",)),
     "clip-filter": ("pathinsight.clip:clip_filter_cmd", "keep the best-matched image-caption pairs (and H&E images) with a CLIP model"),
     "zeroshot": ("pathinsight.clip:zeroshot_cmd", "zero-shot CLIP classification baseline predictions for a built dataset"),

@@ -4,10 +4,1370 @@
 
 # %% ../nbs/04_download.ipynb 3
 from __future__ import annotations
-import json, os, time
+import csv, hashlib, http.client, json, os, re, shutil, tarfile, threading, time, urllib.error, urllib.parse, urllib.request, zlib
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable, Iterable
 from .core import PathinsightError, atomic_write, get_logger, progress, write_json
 
 # %% auto 0
-__all__ = []
+__all__ = ['REGISTRY', 'MANIFEST', 'FETCHERS', 'POST_STEPS', 'POST_HELP', 'USER_AGENT', 'X_API', 'TWEET_FIELDS', 'MEDIA_FIELDS',
+           'STATE_FILE', 'REPORT_FILE', 'OPENPATH_CSV', 'LLAVA_MED_IMAGE_URLS', 'PERMANENT_PMC_FAILURES', 'RemoteFile',
+           'DatasetEntry', 'dataset_path', 'dataset_dir', 'FaultyServer', 'FetchOptions', 'file_hashes',
+           'checksum_problem', 'fetch_file', 'read_manifest', 'fetch_http', 'fetch_hf', 'licence_problem', 'download',
+           'human_size', 'registry_table', 'download_cmd', 'write_host_fixtures', 'local_registry', 'FetchError',
+           'RetryPolicy', 'Reply', 'part_path', 'get_with_retries', 'StubServer', 'read_tweet_ids', 'lookup_url',
+           'parse_lookup', 'XClient', 'x_error', 'x_lookup_route', 'read_state', 'append_state', 'photo_name',
+           'hydrate_openpath', 'needed_images', 'plan_pmc_fetch', 'member_key', 'extract_figures', 'fetch_pmc_images',
+           'hydrate_step', 'pmc_step']
+
+# %% ../nbs/04_download.ipynb 6
+@dataclass
+class RemoteFile:
+    "One published file of a dataset, with its mirrors, published size and checksums, and how it unpacks."
+    name: str  # file name as published (the download is saved under this name)
+    urls: list = field(default_factory=list)  # mirrors, tried in order
+    size: int | None = None  # size in bytes as published (None: unknown)
+    md5: str = ""  # published MD5 of the file as downloaded ('' if none)
+    sha256: str = ""  # published SHA-256 of the file as downloaded ('' if none)
+    unpack: str = ""  # '' (keep as is) | 'zip' | 'tar' | 'gunzip'
+    unpacked_md5: str = ""  # gunzip only: MD5 of the decompressed file ('' if unknown)
+    unpacked_sha256: str = ""  # gunzip only: SHA-256 of the decompressed file ('' if unknown)
+    dest: str = ""  # sub-folder of the dataset folder the file (or its contents) lands in
+
+    def __post_init__(self):
+        if self.unpack not in ("", "zip", "tar", "gunzip"): raise PathinsightError(f"{self.name}: unknown unpack {self.unpack!r} (expected '', zip, tar, gunzip)")
+        if self.unpack == "gunzip" and not self.name.endswith(".gz"): raise PathinsightError(f"{self.name}: gunzip needs a .gz file")
+
+@dataclass
+class DatasetEntry:
+    "A dataset pathinsight can download: host, files, licence, gate and the paths its loader reads."
+    name: str  # registry key and folder name under the download root
+    title: str  # human-readable title with its citation
+    role: str  # 'source' | 'benchmark' | 'source+benchmark'
+    host: str  # 'http' | 'hf' | 'x-api'
+    files: list = field(default_factory=list)  # `RemoteFile`s (http host)
+    hf_repo: str = ""  # Hugging Face dataset repository (hf host)
+    licence: str = ""  # licence of the data, as published
+    licence_url: str = ""  # where the licence is stated
+    noncommercial: bool = False  # non-commercial or no-derivatives licence: needs explicit acceptance
+    gate: str = ""  # '' or what the user must accept, and where, before the host serves the files
+    paths: dict = field(default_factory=dict)  # named paths relative to the download root; 'main' always present
+    loader: str = ""  # the `pathinsight.sources` loader that reads paths['main']
+    post: str = ""  # '' or the name of a post-download step (a key of POST_STEPS)
+    manual: str = ""  # what the user must do by hand when the files cannot be fetched automatically
+    approx_size: str = ""  # the published rounded total size, shown when exact sizes are unknown (e.g. '~7.7 GB')
+    facts: dict = field(default_factory=dict)  # fact -> where it comes from (URLs), or why it is unverified
+
+    def __post_init__(self):
+        if self.role not in ("source", "benchmark", "source+benchmark"): raise PathinsightError(f"{self.name}: unknown role {self.role!r}")
+        if self.host not in ("http", "hf", "x-api"): raise PathinsightError(f"{self.name}: unknown host {self.host!r}")
+        if "main" not in self.paths: raise PathinsightError(f"{self.name}: paths needs a 'main' entry")
+        self.files = [f if isinstance(f, RemoteFile) else RemoteFile(**f) for f in self.files]
+
+    def total_size(self) -> int | None:
+        "Sum of the published file sizes (None when no size is known)."
+        sizes = [f.size for f in self.files if f.size is not None]
+        return sum(sizes) if sizes else None
+
+# %% ../nbs/04_download.ipynb 9
+_ZENODO_CRC = "https://zenodo.org/records/1214456/files/{}?download=1"
+_ZENODO_CRC_API = "https://zenodo.org/api/records/1214456/files/{}/content"
+_ZENODO_PCAM = "https://zenodo.org/records/2546921/files/{}?download=1"
+_ZENODO_PCAM_API = "https://zenodo.org/api/records/2546921/files/{}/content"
+_LLAVA_MED = "https://hanoverprod.z21.web.core.windows.net/med_llava/{}"
+_LLAVA_MED_LFS = "https://media.githubusercontent.com/media/microsoft/LLaVA-Med/main/data/{}"
+
+# MD5 of the decompressed PCam h5 files and of the meta csvs (see the pcam entry's facts)
+_PCAM_H5_MD5 = {
+    "train_x": "01844da899645b4d6f84946d417ba453", "train_y": "0781386bf6c2fb62d58ff18891466aca",
+    "valid_x": "81cf9680f1724c40673f10dc88e909b1", "valid_y": "94d8aacc249253159ce2a2e78a86e658",
+    "test_x": "2614b2e6717d6356be141d9d6dbfcb7e", "test_y": "11ed647efe9fe457a4eb45df1dba19ba"}
+_PCAM_META_MD5 = {"train": "5a3dd671e465cfd74b5b822125e65b0a", "valid": "67589e00a4a37ec317f2d1932c7502ca",
+                  "test": "3455fd69135b66734e1008f3af684566"}
+
+def _pcam_files(splits) -> list:
+    "The RemoteFiles of the PCam splits `splits`: gzipped x/y h5 (verified after decompression) and meta csv."
+    out = []
+    for s in splits:
+        for k in ("x", "y"):
+            name = f"camelyonpatch_level_2_split_{s}_{k}.h5.gz"
+            out.append(RemoteFile(name, [_ZENODO_PCAM.format(name), _ZENODO_PCAM_API.format(name)], unpack="gunzip",
+                                  unpacked_md5=_PCAM_H5_MD5[f"{s}_{k}"]))
+        name = f"camelyonpatch_level_2_split_{s}_meta.csv"
+        out.append(RemoteFile(name, [_ZENODO_PCAM.format(name), _ZENODO_PCAM_API.format(name)], md5=_PCAM_META_MD5[s]))
+    return out
+
+_PCAM_FACTS = {
+    "record, licence CC0": "https://zenodo.org/records/2546921 ; https://github.com/basveeling/pcam (README: License, Download table)",
+    "file names, gzipped HDF5 x/y + meta csv": "https://github.com/basveeling/pcam README; kaiko-ai/eva src/eva/vision/data/datasets/classification/patch_camelyon.py",
+    "decompressed h5 MD5s": "kaiko-ai/eva patch_camelyon.py (checks the decompressed .h5), matching a public DVC lock file of the same files",
+    "meta csv MD5s": "tand826/PatchCamelyon_h5ToImage sums.txt (checked against Zenodo downloads) = a public DVC lock file; the basveeling/pcam README swaps valid/test",
+    "gz MD5s: not used": "basveeling/pcam README and tand826 sums.txt disagree for valid/test (tand826 README: the page's MD5s were wrong, Aug 2019)",
+    "sizes: unverified": "only rounded sizes are published (train_x 6.1 GB, valid_x/test_x 0.8 GB); left None",
+    "layout": "x: (N,96,96,3) uint8, y: (N,1,1,1); 262,144 / 32,768 / 32,768 patches (basveeling/pcam README)"}
+
+REGISTRY: dict = {e.name: e for e in [
+    DatasetEntry(
+        "bladder", "Pathologist-level bladder diagnostic reports (Zhang et al. 2019, Nature Machine Intelligence)", "source", "http",
+        files=[], licence="not stated (released by the authors; see the paper's Data availability)",
+        licence_url="https://www.nature.com/articles/s42256-019-0052-1#data-availability",
+        paths={"main": "bladder/Report/train_annotation.json", "test": "bladder/Report/test_annotation.json", "images": "bladder/Images"},
+        loader="bladder",
+        manual="download the Report and Images folders of the figshare project https://figshare.com/projects/nmi-wsi-diagnosis/61973 into <root>/bladder/",
+        facts={"host: figshare project nmi-wsi-diagnosis/61973": "zizhaozhang/nmi-wsi-diagnosis README -> paper Data availability; several report-generation repositories link https://figshare.com/projects/nmi-wsi-diagnosis/61973",
+               "layout Report/{train,test}_annotation.json, Images/": "/work/shared/FIELD.md; report-generation READMEs ('We use the Report directory only')",
+               "direct file URLs, sizes, checksums: unverified": "the figshare article/file ids were not found in any public source reachable here; download by hand"}),
+    DatasetEntry(
+        "openpath", "OpenPath tweets behind PLIP (Huang et al. 2023, Nature Medicine): tweet IDs, hydrated by the user", "source", "x-api",
+        files=[], licence="tweet IDs from the authors; tweet text and images under X's developer terms",
+        licence_url="https://www.nature.com/articles/s41591-023-02504-3#data-availability",
+        gate="an X (Twitter) API account: tweets are hydrated under your own developer access, rate-limited",
+        paths={"main": "openpath/tweets.csv", "ids": "openpath/tweet_ids.txt", "images": "openpath/images"},
+        loader="openpath", post="x-hydrate",
+        manual="save the published tweet-ID list (PLIP paper, Data availability) as <root>/openpath/tweet_ids.txt, then hydrate it",
+        facts={"only tweet IDs are distributed": "/work/shared/FIELD.md; PLIP paper https://www.nature.com/articles/s41591-023-02504-3",
+               "ID file URL, name, size: unverified": "not found in any public source reachable here (distributed via the paper's links / Google Drive)"}),
+    DatasetEntry(
+        "pcam", "PatchCamelyon (Veeling et al. 2018): all splits", "source+benchmark", "http", files=_pcam_files(("train", "valid", "test")), approx_size="~7.7 GB",
+        licence="CC0 1.0", licence_url="https://github.com/basveeling/pcam#license",
+        paths={"main": "pcam"}, loader="pcam", facts=_PCAM_FACTS),
+    DatasetEntry(
+        "pcam-test", "PatchCamelyon (Veeling et al. 2018): test split only", "benchmark", "http", files=_pcam_files(("test",)), approx_size="~0.8 GB",
+        licence="CC0 1.0", licence_url="https://github.com/basveeling/pcam#license",
+        paths={"main": "pcam"}, loader="pcam", facts=_PCAM_FACTS),
+    DatasetEntry(
+        "crc-val-he-7k", "CRC-VAL-HE-7K (Kather et al. 2018), 7,180 tiles from 50 patients", "source+benchmark", "http",
+        files=[RemoteFile("CRC-VAL-HE-7K.zip", [_ZENODO_CRC.format("CRC-VAL-HE-7K.zip"), _ZENODO_CRC_API.format("CRC-VAL-HE-7K.zip")],
+                          size=800_276_929, md5="2fd1651b4f94ebd818ebf90ad2b6ce06", unpack="zip")],
+        licence="CC BY 4.0", licence_url="https://zenodo.org/records/1214456",
+        paths={"main": "crc-val-he-7k/CRC-VAL-HE-7K"}, loader="crc",
+        facts={"record, licence CC BY 4.0": "https://zenodo.org/records/1214456 ; kaiko-ai/eva crc.py (_license)",
+               "MD5 2fd1651b4f94ebd818ebf90ad2b6ce06": "kaiko-ai/eva src/eva/vision/data/datasets/classification/crc.py and crc_he.py; /work/shared/FIELD.md; three more public download scripts",
+               "size 800,276,929 bytes": "two independent public download scripts (code search) that pin size and MD5 of the Zenodo file",
+               "zip holds CRC-VAL-HE-7K/<CLASS>/*.tif": "https://kaiko-ai.github.io/eva/main/datasets/crc (Organization)"}),
+    DatasetEntry(
+        "nct-crc-he-100k", "NCT-CRC-HE-100K (Kather et al. 2018), 100,000 Macenko-normalised tiles", "source", "http",
+        files=[RemoteFile("NCT-CRC-HE-100K.zip", [_ZENODO_CRC.format("NCT-CRC-HE-100K.zip"), _ZENODO_CRC_API.format("NCT-CRC-HE-100K.zip")],
+                          size=11_690_284_003, md5="6fd702d11df6292bc054397ae038a464", unpack="zip")],
+        licence="CC BY 4.0", licence_url="https://zenodo.org/records/1214456",
+        paths={"main": "nct-crc-he-100k/NCT-CRC-HE-100K"}, loader="crc",
+        facts={"record, licence CC BY 4.0": "https://zenodo.org/records/1214456",
+               "MD5 6fd702d11df6292bc054397ae038a464, size 11,690,284,003 bytes": "four independent public download scripts (code search); one notes the Zenodo page lists 6fd702... for NCT-CRC-HE-100K.zip and 035777... for the -NONORM zip (kaiko-ai/eva crc.py pins 035777... to NCT-CRC-HE-100K.zip, apparently the NONORM MD5)",
+               "zip holds NCT-CRC-HE-100K/<CLASS>/*.tif": "https://kaiko-ai.github.io/eva/main/datasets/crc (Organization)"}),
+    DatasetEntry(
+        "pathvqa", "PathVQA (He et al. 2020), Hugging Face parquet copy", "source+benchmark", "hf", hf_repo="flaviagiammarino/path-vqa",
+        licence="MIT (dataset card); image copyright with the textbook publishers and PEIR",
+        licence_url="https://huggingface.co/datasets/flaviagiammarino/path-vqa",
+        paths={"main": "pathvqa"}, loader="pathvqa",
+        facts={"repo, parquet, licence mit": "https://huggingface.co/datasets/flaviagiammarino/path-vqa (card header: Formats parquet, License mit)",
+               "image copyright": "dataset card text (commit 6ccbafa): copyrights of images and captions belong to the publishers/authors and PEIR",
+               "splits 19,654 / 6,259 / 6,719": "https://huggingface.co/datasets/flaviagiammarino/path-vqa/viewer (train 19.7k, validation 6.26k, test 6.72k)"}),
+    DatasetEntry(
+        "llava-med-instruct", "LLaVA-Med instruction data (Li et al. 2023): 10k / 60k JSONs and PMC image URLs", "source", "http",
+        files=[RemoteFile("llava_med_instruct_10k.json", [_LLAVA_MED.format("instruct/llava_med_instruct_10k.json"), _LLAVA_MED_LFS.format("instruct/llava_med_instruct_10k.json")],
+                          size=20_176_754, sha256="84f75c2b83404fe7dd1631212b4ad73228a0dad77bb819ab29c511a535a279c8"),
+               RemoteFile("llava_med_instruct_60k.json", [_LLAVA_MED.format("instruct/llava_med_instruct_60k.json"), _LLAVA_MED_LFS.format("instruct/llava_med_instruct_60k.json")],
+                          size=88_758_916, sha256="cf84c82fb58e391d6cf198e2657b6fc8584a180509b8813c3604ce46f6275c19"),
+               RemoteFile("llava_med_image_urls.jsonl", [_LLAVA_MED.format("llava_med_image_urls.jsonl"), _LLAVA_MED_LFS.format("llava_med_image_urls.jsonl")],
+                          size=128_785_989, sha256="2604441ec3d1f6324d21846cfd44f92eab29454beed1da42a98d943b41731e44")],
+        licence="CC BY-NC 4.0 (data; research use only)", licence_url="https://github.com/microsoft/LLaVA-Med#data-download",
+        noncommercial=True,
+        paths={"main": "llava-med/llava_med_instruct_10k.json", "60k": "llava-med/llava_med_instruct_60k.json",
+               "urls": "llava-med/llava_med_image_urls.jsonl", "images": "llava-med/images"},
+        loader="llava_med", post="pmc-images",
+        facts={"sizes and sha256": "Git LFS pointers in microsoft/LLaVA-Med at d406e3fc7c3d1e4c797a7676de18cbfd070b6d2c: data/instruct/llava_med_instruct_{10k,60k}.json, data/llava_med_image_urls.jsonl",
+               "hosting hanoverprod.z21.web.core.windows.net/med_llava/...": "microsoft/LLaVA-Med download_data.sh (and forks) and README table (10k: 19.24 MiB = the LFS size)",
+               "mirror media.githubusercontent.com (LFS)": "unverified that it serves these objects; it is GitHub's standard LFS media URL for the pointers above",
+               "licence CC BY-NC 4.0": "microsoft/LLaVA-Med README (data is CC BY NC 4.0, research use only); /work/shared/data/SOURCES.md section 5",
+               "images: PMC URLs, many 404": "/work/shared/FIELD.md"}),
+    DatasetEntry(
+        "pathmmu", "PathMMU benchmark (Sun et al. 2024)", "benchmark", "hf", hf_repo="jamessyx/PathMMU",
+        licence="CC-BY-ND-4.0", licence_url="https://huggingface.co/datasets/jamessyx/PathMMU", noncommercial=True,
+        gate="fill the Google form named on https://huggingface.co/datasets/jamessyx/PathMMU, then accept its conditions on that page with the same e-mail (approval takes 1-2 days)",
+        paths={"main": "pathmmu"}, loader="",
+        facts={"gated, form + conditions": "https://huggingface.co/datasets/jamessyx/PathMMU/tree/main (gate text)",
+               "licence cc-by-nd-4.0": "https://huggingface.co/datasets/jamessyx/PathMMU/discussions/2 (card header)",
+               "only PubMed / EduContent images on the hub; PathCLS needs PCam, CRC-100K, ...": "/work/shared/FIELD.md; PathMMU-Benchmark/PathMMU data/instructions.md"}),
+    DatasetEntry(
+        "quilt-vqa", "Quilt-VQA benchmark (Seyfioglu et al. 2024, Quilt-LLaVA)", "benchmark", "hf", hf_repo="wisdomik/Quilt_VQA",
+        licence="CC-BY-NC-ND-3.0", licence_url="https://huggingface.co/datasets/wisdomik/Quilt_VQA", noncommercial=True,
+        gate="possibly: accept the conditions on https://huggingface.co/datasets/wisdomik/Quilt_VQA (its sibling Quilt-LLaVA sets are gated)",
+        paths={"main": "quilt-vqa"}, loader="",
+        facts={"repo, parquet, licence cc-by-nc-nd-3.0": "https://huggingface.co/datasets/wisdomik/Quilt_VQA/discussions (card header)",
+               "gate: unverified": "wisdomik/Quilt-LLaVA-Pretrain is gated (non-commercial, no redistribution); no gate text was seen for Quilt_VQA"}),
+]}
+
+def _entry(name: str, registry: dict | None = None) -> DatasetEntry:
+    "The registry entry `name`; an unknown name is an error listing the known ones."
+    registry = REGISTRY if registry is None else registry
+    if name not in registry: raise PathinsightError(f"unknown dataset {name!r} (known: {', '.join(registry)})")
+    return registry[name]
+
+def dataset_path(name: str,  # registry name
+                 root,  # download root (the `--to` folder)
+                 part: str = "main",  # which named path: 'main' or another key of the entry's `paths`
+                 registry: dict | None = None,  # registry to look in (default: REGISTRY)
+                ) -> Path:
+    "Where the loader of dataset `name` finds its `part` under the download root `root`."
+    e = _entry(name, registry)
+    if part not in e.paths: raise PathinsightError(f"{name}: no path {part!r} (paths: {', '.join(e.paths)})")
+    return Path(root)/e.paths[part]
+
+def dataset_dir(name: str, root, registry: dict | None = None) -> Path:
+    "The folder a dataset is downloaded into: the first component of its main path (pcam and pcam-test share one)."
+    return Path(root)/Path(_entry(name, registry).paths["main"]).parts[0]
+
+# %% ../nbs/04_download.ipynb 12
+class FaultyServer:
+    "A local HTTP server over a folder with Range support and injectable faults; a context manager."
+    def __init__(self, root,  # folder served at /
+                 chunk: int = 16384,  # bytes written per chunk (faults act per chunk)
+                ):
+        import threading
+        self.root, self.chunk, self.requests, self.faults, self.routes = Path(root), chunk, [], [], {}
+        self._lock, self._server, self.url = threading.Lock(), None, ""
+
+    def __enter__(self):
+        import threading
+        from http.server import ThreadingHTTPServer
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _faulty_handler(self))
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown(); self._server.server_close()
+
+    def url_for(self, name: str, mirror: str = "") -> str:
+        "The URL of file `name` (relative to the root), through the alias `mirror` if given."
+        return f"{self.url}/~{mirror}/{name}" if mirror else f"{self.url}/{name}"
+
+    def _add(self, kind, path, times, **kw):
+        self.faults.append(dict(kind=kind, path=path, left=times, **kw)); return self
+
+    def drop_after(self, path: str, n: int, times: int | None = 1):
+        "Close the connection after `n` body bytes of responses to `path`."
+        return self._add("drop", path, times, n=n)
+    def corrupt(self, path: str, at: int = 0, times: int | None = 1):
+        "Flip the byte at file offset `at` in responses to `path`."
+        return self._add("corrupt", path, times, at=at)
+    def status(self, path: str, code: int = 404, times: int | None = None):
+        "Answer `path` with HTTP status `code`."
+        return self._add("status", path, times, code=code)
+    def slow(self, path: str, delay: float, times: int | None = None):
+        "Sleep `delay` seconds before each chunk of responses to `path`."
+        return self._add("slow", path, times, delay=delay)
+    def ignore_range(self, path: str, times: int | None = None):
+        "Ignore Range headers on `path` (answer 200 with the whole file)."
+        return self._add("norange", path, times)
+    def route(self, prefix: str, fn):
+        "Answer request paths starting with `prefix` with `fn(method, path, headers) -> (status, headers, body)`."
+        self.routes[prefix] = fn; return self
+
+    def take(self, path: str) -> dict:
+        "The faults that apply to this request of `path` (each used once more), by kind."
+        got = {}
+        with self._lock:
+            for f in self.faults:
+                if f["path"] == path and f["left"] != 0 and f["kind"] not in got:
+                    got[f["kind"]] = f
+                    if f["left"] is not None: f["left"] -= 1
+        return got
+
+    def hits(self, path: str | None = None) -> list:
+        "The recorded requests (all, or those of `path`)."
+        return [r for r in self.requests if path is None or r["path"] == path]
+
+def _faulty_handler(srv: FaultyServer):
+    "The request handler class of `srv`."
+    from http.server import BaseHTTPRequestHandler
+    from urllib.parse import urlsplit, unquote
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def log_message(self, *a): pass
+
+        def _plain(self, code, body=b"", headers=()):
+            self.send_response(code)
+            for k, v in headers: self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body))); self.end_headers()
+            if self.command != "HEAD": self.wfile.write(body)
+
+        def _serve(self):
+            path = unquote(urlsplit(self.path).path)
+            srv.requests.append({"method": self.command, "path": path, "range": self.headers.get("Range"), "time": time.time()})
+            for prefix, fn in srv.routes.items():
+                if path.startswith(prefix):
+                    code, headers, body = fn(self.command, self.path, self.headers)
+                    return self._plain(code, body, list(headers.items()))
+            faults = srv.take(path)
+            if "status" in faults: return self._plain(faults["status"]["code"], b"fault")
+            rel = path.lstrip("/")
+            if rel.startswith("~"): rel = rel.split("/", 1)[1] if "/" in rel else ""
+            f = (srv.root/rel).resolve()
+            if not rel or srv.root.resolve() not in f.parents or not f.is_file(): return self._plain(404, b"not found")
+            size, start, end = f.stat().st_size, 0, f.stat().st_size - 1
+            rng = self.headers.get("Range", "")
+            if rng.startswith("bytes=") and "norange" not in faults:
+                a, _, b = rng[6:].partition("-")
+                start, end = int(a or 0), min(int(b) if b else size - 1, size - 1)
+                if start >= size: return self._plain(416, b"", [("Content-Range", f"bytes */{size}")])
+                self.send_response(206); self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            else: self.send_response(200)
+            self.send_header("Content-Length", str(end - start + 1)); self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            if self.command == "HEAD": return
+            sent, pos = 0, start
+            with open(f, "rb") as fh:
+                fh.seek(start)
+                while pos <= end:
+                    if "slow" in faults: time.sleep(faults["slow"]["delay"])
+                    buf = bytearray(fh.read(min(srv.chunk, end - pos + 1)))
+                    if "corrupt" in faults and pos <= faults["corrupt"]["at"] < pos + len(buf): buf[faults["corrupt"]["at"] - pos] ^= 0xFF
+                    if "drop" in faults and sent + len(buf) > faults["drop"]["n"]:
+                        self.wfile.write(buf[:faults["drop"]["n"] - sent]); self.wfile.flush()
+                        self.close_connection = True
+                        import socket
+                        try: self.connection.shutdown(socket.SHUT_RDWR)
+                        except OSError: pass
+                        return
+                    try: self.wfile.write(buf)
+                    except (BrokenPipeError, ConnectionResetError): return
+                    sent += len(buf); pos += len(buf)
+
+        do_GET = do_HEAD = _serve
+    return Handler
+
+# %% ../nbs/04_download.ipynb 15
+@dataclass
+class FetchOptions:
+    "How hard and how long to try a download."
+    retries: int = 4  # rounds over the mirrors after the first (each after a backoff)
+    backoff: float = 2.0  # seconds before the first retry round, doubled each round
+    timeout: float = 60.0  # socket timeout in seconds (connect and each read)
+    chunk: int = 1 << 20  # bytes read per step
+    token: str | None = None  # Hugging Face token (None: HF_TOKEN or the saved login)
+    hf_endpoint: str | None = None  # Hugging Face endpoint (None: the HF_ENDPOINT variable, else the Hub)
+    x_token: str | None = None  # X API bearer token for OpenPath hydration (None: X_BEARER_TOKEN)
+    x_api: str = ""  # X API root ('' = https://api.x.com)
+    pmc_mirror: str | None = None  # replaces the scheme and host of every PMC package url (None: NCBI)
+
+class _DeadMirror(Exception): "A mirror that does not serve the file (4xx): skip it from now on."
+class _Retry(Exception): "A transient failure: try the next mirror / round."
+class _Corrupt(Exception): "Bytes that do not verify or unpack; the .part is gone."
+
+def _now() -> str: return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+def file_hashes(path, chunk: int = 1 << 20) -> dict:
+    "MD5, SHA-256 and size of a file in one pass."
+    import hashlib
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(chunk), b""): md5.update(b); sha.update(b)
+    return {"md5": md5.hexdigest(), "sha256": sha.hexdigest(), "size": Path(path).stat().st_size}
+
+def checksum_problem(got: dict,  # `file_hashes` of the file
+                     md5: str = "", sha256: str = "", size: int | None = None,  # expected ('' / None: not checked)
+                    ) -> str:
+    "'' when `got` matches what is expected, else 'size|md5|sha256 expected X, got Y'."
+    if size is not None and got["size"] != size: return f"size expected {size}, got {got['size']}"
+    if md5 and got["md5"] != md5.lower(): return f"md5 expected {md5}, got {got['md5']}"
+    if sha256 and got["sha256"] != sha256.lower(): return f"sha256 expected {sha256}, got {got['sha256']}"
+    return ""
+
+# %% ../nbs/04_download.ipynb 18
+def _download_once(url: str, part: Path, opts: FetchOptions, desc: str, size: int | None = None):
+    "Fetch `url` into `part`, resuming from its current size; raise _DeadMirror / _Retry on failure."
+    import http.client
+    from urllib.request import Request, urlopen
+    from urllib.error import HTTPError, URLError
+    have = part.stat().st_size if part.exists() else 0
+    if size is not None and have > size: part.unlink(); have = 0
+    headers = {"User-Agent": "pathinsight-download", **({"Range": f"bytes={have}-"} if have else {})}
+    try: r = urlopen(Request(url, headers=headers), timeout=opts.timeout)
+    except HTTPError as e:
+        if e.code == 416 and have: return
+        if e.code in (408, 425, 429) or e.code >= 500: raise _Retry(f"HTTP {e.code}") from None
+        raise _DeadMirror(f"HTTP {e.code}") from None
+    except (URLError, OSError, http.client.HTTPException) as e: raise _Retry(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
+    with r:
+        if have and r.status == 206:
+            cr = r.headers.get("Content-Range", "")
+            if not cr.startswith(f"bytes {have}-"): part.unlink(); raise _Retry(f"server resumed at {cr!r}, not byte {have}")
+            mode = "ab"
+        else: have, mode = 0, "wb"  # no Range sent, or the server ignored it: start over
+        length = r.headers.get("Content-Length")
+        total = have + int(length) if length else size
+        got, bar = 0, progress(None, desc, total=total, unit="B", unit_scale=True, unit_divisor=1024, initial=have, leave=False)
+        try:
+            with open(part, mode) as out:
+                while b := r.read(opts.chunk):
+                    out.write(b); got += len(b); bar.update(len(b))
+        except (OSError, http.client.HTTPException) as e: raise _Retry(f"{type(e).__name__} after {have + got} bytes") from None
+        finally: bar.close()
+    if length and got < int(length): raise _Retry(f"connection closed after {have + got} of {total} bytes")
+
+# %% ../nbs/04_download.ipynb 20
+def _inside(base: Path, name: str) -> Path:
+    "base/name, refusing names that escape `base`."
+    target = (base/name).resolve()
+    if name.startswith(("/", "\\")) or (target != base.resolve() and base.resolve() not in target.parents):
+        raise PathinsightError(f"archive member {name!r} escapes the target folder: refused")
+    return target
+
+def _unzip(archive: Path, into: Path):
+    "Extract a zip into `into`, refusing escaping members and links; CRC errors are _Corrupt."
+    import shutil, stat, zipfile
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info in progress(zf.infolist(), f"unzip {archive.name}", leave=False):
+                target = _inside(into, info.filename)
+                if stat.S_ISLNK(info.external_attr >> 16): raise PathinsightError(f"{archive.name}: member {info.filename!r} is a link: refused")
+                if info.is_dir(): target.mkdir(parents=True, exist_ok=True); continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "wb") as dst: shutil.copyfileobj(src, dst, 1 << 20)
+    except (zipfile.BadZipFile, EOFError, OSError) as e: raise _Corrupt(f"{archive.name}: not a valid zip ({e})") from None
+
+def _untar(archive: Path, into: Path):
+    "Extract a tar (any compression) into `into` with the 'data' filter; corrupt archives are _Corrupt."
+    import tarfile, zlib
+    try:
+        with tarfile.open(archive) as tf:
+            for m in tf.getmembers(): _inside(into, m.name)
+            tf.extractall(into, filter="data")
+    except tarfile.FilterError as e: raise PathinsightError(f"{archive.name}: unsafe member refused ({e})") from None
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e: raise _Corrupt(f"{archive.name}: not a valid tar ({e})") from None
+
+def _gunzip(archive: Path, target: Path, f: RemoteFile, opts: FetchOptions) -> dict:
+    "Decompress `archive` to `target` through a verified temporary file; return the decompressed hashes."
+    import gzip, hashlib, zlib
+    md5, sha, n = hashlib.md5(), hashlib.sha256(), 0
+    try:
+        with atomic_write(target, "wb") as out, gzip.open(archive, "rb") as src:
+            bar = progress(None, f"gunzip {archive.name}", unit="B", unit_scale=True, unit_divisor=1024, leave=False)
+            while b := src.read(opts.chunk):
+                out.write(b); md5.update(b); sha.update(b); n += len(b); bar.update(len(b))
+            bar.close()
+            got = {"md5": md5.hexdigest(), "sha256": sha.hexdigest(), "size": n}
+            bad = checksum_problem(got, f.unpacked_md5, f.unpacked_sha256)
+            if bad: raise _Corrupt(f"{target.name} (decompressed): {bad}")
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e: raise _Corrupt(f"{archive.name}: not a valid gzip ({e})") from None
+    return got
+
+def _place(f: RemoteFile, part: Path, folder: Path, opts: FetchOptions) -> dict:
+    "Move the verified download `part` into its final place (renamed, gunzipped or unpacked); return the manifest fields."
+    import shutil, tempfile
+    dest = folder/f.dest
+    if f.unpack == "":
+        target = dest/f.name; os.replace(part, target)
+        return {"outputs": [str(target.relative_to(folder))]}
+    if f.unpack == "gunzip":
+        target = dest/f.name[:-3]
+        try: got = _gunzip(part, target, f, opts)
+        except _Corrupt: part.unlink(missing_ok=True); raise
+        part.unlink()
+        return {"outputs": [str(target.relative_to(folder))], "unpacked_md5": got["md5"], "unpacked_sha256": got["sha256"], "unpacked_size": got["size"]}
+    work = Path(tempfile.mkdtemp(dir=dest, prefix=f".{f.name}.", suffix=".unpack"))
+    try:
+        try: (_unzip if f.unpack == "zip" else _untar)(part, work)
+        except _Corrupt: part.unlink(missing_ok=True); raise
+        outputs = sorted(p.name for p in work.iterdir())
+        for name in outputs:  # top-level entries replace what an earlier, older unpack left
+            old = dest/name
+            if old.is_dir() and not old.is_symlink(): shutil.rmtree(old)
+            elif old.exists(): old.unlink()
+            os.replace(work/name, old)
+    finally: shutil.rmtree(work, ignore_errors=True)
+    part.unlink()
+    return {"outputs": [str((dest/n).relative_to(folder)) for n in outputs]}
+
+# %% ../nbs/04_download.ipynb 22
+def _is_done(f: RemoteFile, folder: Path, row: dict | None) -> bool:
+    "Whether `f` is already fetched, verified and in place under `folder`, per its manifest `row`."
+    if not row or not row.get("outputs"): return False
+    outs = [folder/o for o in row["outputs"]]
+    if not all(o.exists() for o in outs): return False
+    if f.unpack in ("zip", "tar"): return True
+    target = outs[0]
+    st = target.stat()
+    if row.get("target_size") == st.st_size and row.get("target_mtime_ns") == st.st_mtime_ns: return True
+    got = file_hashes(target)
+    if f.unpack == "gunzip":
+        want = (f.unpacked_md5, f.unpacked_sha256) if (f.unpacked_md5 or f.unpacked_sha256) else (row.get("unpacked_md5", ""), row.get("unpacked_sha256", ""))
+        return not checksum_problem(got, *want)
+    want = (f.md5, f.sha256, f.size) if (f.md5 or f.sha256) else (row.get("md5", ""), row.get("sha256", ""), row.get("size"))
+    return not checksum_problem(got, *want)
+
+def _found_in_place(f: RemoteFile, folder: Path) -> dict | None:
+    "The manifest row of a plain / gunzipped file already in place (put there by hand) that matches its published checksum, else None."
+    want = (f.md5, f.sha256) if f.unpack == "" else (f.unpacked_md5, f.unpacked_sha256)
+    target = folder/f.dest/(f.name if f.unpack == "" else f.name[:-3])
+    if f.unpack not in ("", "gunzip") or not any(want) or not target.is_file(): return None
+    got = file_hashes(target)
+    if checksum_problem(got, *want): return None
+    st, rel = target.stat(), str(target.relative_to(folder))
+    keys = ("md5", "sha256", "size") if f.unpack == "" else ("unpacked_md5", "unpacked_sha256", "unpacked_size")
+    return {"url": "", "name": f.name, **dict(zip(keys, (got["md5"], got["sha256"], got["size"]))), "unpack": f.unpack,
+            "fetched_at": _now(), "found_in_place": True, "outputs": [rel], "target_size": st.st_size, "target_mtime_ns": st.st_mtime_ns}
+
+def fetch_file(f: RemoteFile,  # the file to fetch
+               folder,  # dataset folder (the file lands in folder/f.dest)
+               opts: FetchOptions | None = None,  # retries, backoff, timeout
+               row: dict | None = None,  # its manifest row from an earlier run (None: never fetched)
+              ) -> dict:
+    "Make `f` present and verified under `folder` (resumed, retried over mirrors, checked, placed atomically); return its manifest row."
+    opts, folder = opts or FetchOptions(), Path(folder)
+    if _is_done(f, folder, row): return row
+    found = _found_in_place(f, folder)
+    if found: return found
+    (folder/f.dest).mkdir(parents=True, exist_ok=True)
+    part = folder/f.dest/(f.name + ".part")
+    dead, errors, bad = set(), [], ""
+    if not f.urls: raise PathinsightError(f"{f.name}: no URL to fetch it from")
+    for attempt in range(opts.retries + 1):
+        if attempt: time.sleep(opts.backoff * 2 ** (attempt - 1))
+        for url in [u for u in f.urls if u not in dead]:
+            try:
+                _download_once(url, part, opts, f.name, f.size)
+                got = file_hashes(part)
+                bad = checksum_problem(got, f.md5, f.sha256, f.size)
+                if bad: part.unlink(); raise _Corrupt(bad)
+                placed = _place(f, part, folder, opts)
+            except _DeadMirror as e: dead.add(url); errors.append(f"{url}: {e}"); continue
+            except _Corrupt as e: bad = str(e); errors.append(f"{url}: {e}"); continue
+            except _Retry as e: errors.append(f"{url}: {e}"); bad = ""; continue
+            target = folder/placed["outputs"][0]
+            st = target.stat()
+            return {"url": url, "name": f.name, **got, "unpack": f.unpack, "fetched_at": _now(), **placed,
+                    "target_size": st.st_size, "target_mtime_ns": st.st_mtime_ns, "tries": len(errors) + 1}
+        if len(dead) == len(f.urls): break
+    tries = len(errors)
+    if bad: raise PathinsightError(f"{f.name}: verification failed after {tries} tries: {bad}")
+    raise PathinsightError(f"{f.name}: download failed ({len(f.urls)} mirror(s), {tries} tries; last: {errors[-1]})")
+
+# %% ../nbs/04_download.ipynb 25
+MANIFEST = "MANIFEST.json"
+
+def read_manifest(folder) -> dict:
+    "The manifest of a dataset folder ({'files': {}, 'datasets': {}} when there is none yet)."
+    p = Path(folder)/MANIFEST
+    m = json.loads(p.read_text()) if p.exists() else {}
+    return {"files": m.get("files", {}), "datasets": m.get("datasets", {})}
+
+def _record(folder: Path, section: str, key: str, value: dict) -> dict:
+    "Set manifest[section][key] = value in `folder`'s manifest, atomically; return the manifest."
+    m = read_manifest(folder)
+    m[section][key] = value
+    write_json(folder/MANIFEST, m)
+    return m
+
+def fetch_http(entry: DatasetEntry, root, opts: FetchOptions) -> dict:
+    "Fetch every file of an http entry into its dataset folder, recording each in the manifest; return the file rows."
+    folder = Path(root)/Path(entry.paths["main"]).parts[0]
+    rows = {}
+    for f in entry.files:
+        row = read_manifest(folder)["files"].get(f.name)
+        new = fetch_file(f, folder, opts, row)
+        if new is not row: _record(folder, "files", f.name, new)
+        rows[f.name] = new
+    return rows
+
+_HF_HOW = "then pass a token with --token, set HF_TOKEN or run `huggingface-cli login`"
+
+def fetch_hf(entry: DatasetEntry, root, opts: FetchOptions) -> dict:
+    "Snapshot a Hugging Face dataset repository into the entry's folder; gated or unauthorised access is one clear line."
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    folder = Path(root)/Path(entry.paths["main"]).parts[0]
+    page = f"https://huggingface.co/datasets/{entry.hf_repo}"
+    gate = entry.gate or f"accept its conditions on {page}"
+    endpoint = opts.hf_endpoint or os.environ.get("HF_ENDPOINT") or None
+    try: snapshot_download(entry.hf_repo, repo_type="dataset", local_dir=str(folder), token=opts.token, endpoint=endpoint)
+    except GatedRepoError: raise PathinsightError(f"{entry.name}: {entry.hf_repo} is gated: {gate}; {_HF_HOW}") from None
+    except RepositoryNotFoundError: raise PathinsightError(f"{entry.name}: {entry.hf_repo} is not accessible with this token (gated or private: {gate}); {_HF_HOW}") from None
+    except HfHubHTTPError as e:
+        code = getattr(e.response, "status_code", None)
+        if code in (401, 403): raise PathinsightError(f"{entry.name}: {entry.hf_repo} refused access (HTTP {code}): {gate}; {_HF_HOW}") from None
+        raise PathinsightError(f"{entry.name}: Hugging Face download of {entry.hf_repo} failed (HTTP {code}): {str(e).splitlines()[0]}") from None
+    except LocalEntryNotFoundError as e: raise PathinsightError(f"{entry.name}: cannot reach the Hugging Face Hub for {entry.hf_repo} ({str(e).splitlines()[0]})") from None
+    n = sum(1 for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts and p.name != MANIFEST)
+    row = {"url": page, "hf_repo": entry.hf_repo, "endpoint": endpoint or "", "files": n, "fetched_at": _now()}
+    _record(folder, "files", entry.hf_repo, row)
+    return {entry.hf_repo: row}
+
+FETCHERS = {"http": fetch_http, "hf": fetch_hf}  # host -> fetcher(entry, root, opts) -> {file: manifest row}
+POST_STEPS: dict = {}  # post-step name -> fn(entry, root, opts), run after the fetch when an entry names it
+
+# What each post step does, for the message when it is not installed
+POST_HELP = {"x-hydrate": "hydrate openpath/tweet_ids.txt into openpath/tweets.csv and openpath/images with your own X API access",
+             "pmc-images": "fetch the PMC figures listed in llava-med/llava_med_image_urls.jsonl (pmc_tar_url, image_file_path, pair_id) into llava-med/images/<pair_id>.jpg; many URLs are gone"}
+
+# %% ../nbs/04_download.ipynb 27
+def licence_problem(entries: list) -> str:
+    "'' when no entry needs an explicit licence acceptance, else the message naming each licence and its URL."
+    nc = [e for e in entries if e.noncommercial]
+    if not nc: return ""
+    what = "; ".join(f"{e.name} is under {e.licence} ({e.licence_url})" for e in nc)
+    return f"{what}: non-commercial / no-derivatives terms; pass accept_licence=True (--accept-licence) to accept them"
+
+def download(names,  # dataset name(s) (keys of the registry)
+             to="data",  # download root: one sub-folder per dataset
+             accept_licence: bool = False,  # accept the non-commercial / no-derivatives licences of the named sets
+             token: str | None = None,  # Hugging Face token (None: HF_TOKEN or the saved login)
+             registry: dict | None = None,  # registry to use (default: REGISTRY; tests pass `local_registry`)
+             opts: FetchOptions | None = None,  # retries, backoff, timeout (token / hf_endpoint set here too)
+            ) -> dict:
+    "Download the named datasets under `to`, resumably and verified; return {name: its folder's manifest}."
+    registry = REGISTRY if registry is None else registry
+    names = [n for x in ([names] if isinstance(names, str) else (names or [])) for n in str(x).split(",") if n]
+    if not names: raise PathinsightError(f"no dataset named (known: {', '.join(registry)})")
+    unknown = [n for n in names if n not in registry]
+    if unknown: raise PathinsightError(f"unknown dataset(s) {unknown} (known: {', '.join(registry)})")
+    entries = [registry[n] for n in dict.fromkeys(names)]
+    refused = licence_problem(entries) if not accept_licence else ""
+    if refused: raise PathinsightError(refused)
+    opts = opts or FetchOptions()
+    if token is not None: opts.token = token
+    log, root, out = get_logger(), Path(to), {}
+    for e in entries:
+        folder = root/Path(e.paths["main"]).parts[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        todo = []
+        if e.host in FETCHERS and (e.files or e.host != "http"): FETCHERS[e.host](e, root, opts)
+        elif e.host == "x-api": pass  # nothing to fetch: the ids come by hand, the post step hydrates them
+        else: todo.append(e.manual or f"host {e.host!r} has no automatic fetcher")
+        if e.post and e.post in POST_STEPS: todo += POST_STEPS[e.post](e, root, opts)
+        elif e.post: todo.append(f"post step {e.post!r} is not installed: {POST_HELP.get(e.post, 'run it by hand')}")
+        main = root/e.paths["main"]
+        if not todo and not main.exists(): todo.append(f"{main} is missing after the fetch: the published layout differs from the registry's")
+        for t in todo: log.warning(f"{e.name}: {t}")
+        m = _record(folder, "datasets", e.name, {"complete": not todo, "todo": todo, "main": e.paths["main"], "checked_at": _now()})
+        out[e.name] = m
+    return out
+
+# %% ../nbs/04_download.ipynb 29
+def human_size(n: int | None) -> str:
+    "A byte count in decimal units ('?' when unknown)."
+    if n is None: return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB": return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+def _entry_size(e: DatasetEntry) -> str:
+    "The human total size of an entry, '+?' when some file sizes are unknown."
+    total = e.total_size()
+    if total is None and e.approx_size: return e.approx_size
+    some_unknown = any(f.size is None for f in e.files) or not e.files
+    return human_size(total) + (" +?" if total is not None and some_unknown else "")
+
+def registry_table(registry: dict | None = None) -> str:
+    "The registry as a text table: name, role, host, total size, licence, gate."
+    registry = REGISTRY if registry is None else registry
+    rows = [("name", "role", "host", "size", "licence", "gate")]
+    for e in registry.values():
+        gate = e.gate or ("-" if not e.noncommercial else "")
+        if e.noncommercial: gate = ("--accept-licence; " + gate) if gate else "--accept-licence"
+        if e.manual: gate = (gate + "; " if gate not in ("", "-") else "") + "manual: " + e.manual
+        rows.append((e.name, e.role, e.host, _entry_size(e), e.licence, gate))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows)
+
+def download_cmd(names: list = None,  # dataset names (see --list)
+                 to: str = "data",  # folder the datasets are written under (one sub-folder each)
+                 list: bool = False,  # show the registry (files, sizes, licences, gates) and exit
+                 accept_licence: bool = False,  # accept the non-commercial / no-derivatives licences shown
+                 token: str = None,  # Hugging Face token for gated sets (default: HF_TOKEN or the saved login)
+                 x_token: str = None,  # X API bearer token to hydrate OpenPath (default: X_BEARER_TOKEN)
+                 pmc_mirror: str = None,  # a mirror of NCBI's PMC package paths for the LLaVA-Med figures (default: NCBI)
+                ):
+    "Download public datasets into the folders the loaders read: resumable, verified, atomic; --list shows the registry."
+    if list:
+        print(registry_table()); return None
+    if not names: raise PathinsightError(f"name the datasets to download (known: {', '.join(REGISTRY)}; see --list)")
+    res = download(names, to, accept_licence=accept_licence, token=token, opts=FetchOptions(x_token=x_token, pmc_mirror=pmc_mirror))
+    for name, m in res.items():
+        d = m["datasets"][name]
+        print(f"{name}: {'complete' if d['complete'] else 'incomplete: ' + ' | '.join(d['todo'])} -> {Path(to)/d['main']}")
+    return res
+
+# %% ../nbs/04_download.ipynb 32
+def _letters(rng, n: int = 8) -> str: return "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(n))
+
+def _tile(rng, size: int = 224):
+    "A smooth H&E-coloured RGB tile (compresses well)."
+    import numpy as np
+    from PIL import Image
+    y, x = np.mgrid[0:size, 0:size] / size
+    phase = rng.random() * 6
+    a = np.stack([200 + 40*np.sin(6*x + phase), 120 + 50*np.cos(5*y + phase), 180 + 30*np.sin(4*(x + y))], -1)
+    return Image.fromarray(a.clip(0, 255).astype("uint8"), "RGB")
+
+def _crc_zip(path: Path, top: str, tcga: bool, per_class: int, rng):
+    "A Kather-style zip: top/<CLASS>/<CLASS>-[TCGA-]<8 letters>.tif."
+    import io, zipfile
+    from pathinsight.core import CRC_CLASSES
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for c in CRC_CLASSES:
+            for _ in range(per_class):
+                buf = io.BytesIO(); _tile(rng).save(buf, "TIFF", compression="packbits")
+                zf.writestr(f"{top}/{c}/{c}-{'TCGA-' if tcga else ''}{_letters(rng)}.tif", buf.getvalue())
+
+def _pcam_split(out: Path, split: str, n: int, seed: int) -> list:
+    "Gzipped PCam x/y h5 files and the meta csv of one split."
+    import gzip, h5py, numpy as np, shutil, tempfile
+    rng, files = np.random.default_rng(seed), []
+    with tempfile.TemporaryDirectory() as t:
+        for k in ("x", "y"):
+            h5 = Path(t)/f"camelyonpatch_level_2_split_{split}_{k}.h5"
+            with h5py.File(h5, "w") as f:
+                if k == "x": f.create_dataset("x", data=rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8))
+                else: f.create_dataset("y", data=(np.arange(n) % 2).astype(np.uint8).reshape(n, 1, 1, 1))
+            gz = out/(h5.name + ".gz")
+            with open(h5, "rb") as src, gzip.GzipFile(gz, "wb", mtime=0) as dst: shutil.copyfileobj(src, dst)
+            files.append(gz)
+    meta = out/f"camelyonpatch_level_2_split_{split}_meta.csv"
+    meta.write_text("coord_y,coord_x,tumor_patch,center_tumor_patch,wsi\n" +
+                    "".join(f"{i*96},{i*96},{i%2==1},{i%2==1},camelyon16_{split}_{i//2:03d}\n" for i in range(n)))
+    return files + [meta]
+
+def write_host_fixtures(out,  # folder the fixture files are written into (flat, to be served as is)
+                        tiles_per_class: int = 1,  # tiles per class in each Kather zip
+                        patches: int = 4,  # patches per PCam split
+                        seed: int = 0,  # content seed
+                       ) -> dict:
+    "Write small files in each host's published layout; return {dataset name: [fixture paths]}."
+    import io, random, zipfile
+    from pathinsight.core import write_jsonl
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    _crc_zip(out/"CRC-VAL-HE-7K.zip", "CRC-VAL-HE-7K", True, tiles_per_class, rng)
+    _crc_zip(out/"NCT-CRC-HE-100K.zip", "NCT-CRC-HE-100K", False, tiles_per_class, rng)
+    pcam = {s: _pcam_split(out, s, patches, seed + i) for i, s in enumerate(("train", "valid", "test"))}
+    turn = lambda q, a: [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]
+    rows = [{"id": f"PMC{1000+i}_F{i}", "image": f"PMC{1000+i}_F{i}.jpg", "domain": {"histology": i % 2 == 0, "chest_xray": i % 2 == 1},
+             "conversations": turn("What does the image show?", "Sheets of atypical cells with prominent nucleoli.")} for i in range(4)]
+    write_json(out/"llava_med_instruct_10k.json", rows)
+    write_json(out/"llava_med_instruct_60k.json", rows[:2] + [{**{k: v for k, v in r.items() if k != "conversations"}, "conversatons": r["conversations"]} for r in rows[2:]])
+    write_jsonl(out/"llava_med_image_urls.jsonl", [{"pair_id": r["id"], "pmc_tar_url": f"https://example.org/pmc/{r['id']}.tar.gz",
+                                                    "image_file_path": f"{r['id']}/fig.jpg"} for r in rows])
+    (out/"tweet_ids.txt").write_text("".join(f"{1600000000000000000 + i}\n" for i in range(5)))
+    with zipfile.ZipFile(out/"bladder.zip", "w") as zf:
+        names = [f"{s}_00{i}_sub0_00{j}" for s, i, j in [(1, 1, 1), (1, 2, 2), (2, 1, 1)]]
+        cap = lambda d: [f"nuclear features are mildly pleomorphic polarity is preserved {d}"] * 5
+        ann = {n: {"caption": cap("low grade" if k % 2 else "high grade"), "label": k % 3} for k, n in enumerate(names)}
+        zf.writestr("Report/train_annotation.json", json.dumps(dict(list(ann.items())[:2])))
+        zf.writestr("Report/test_annotation.json", json.dumps(dict(list(ann.items())[2:])))
+        for n in names:
+            buf = io.BytesIO(); _tile(rng, 64).save(buf, "PNG"); zf.writestr(f"Images/{n}.png", buf.getvalue())
+    return {"crc-val-he-7k": [out/"CRC-VAL-HE-7K.zip"], "nct-crc-he-100k": [out/"NCT-CRC-HE-100K.zip"],
+            "pcam": [p for s in ("train", "valid", "test") for p in pcam[s]], "pcam-test": pcam["test"],
+            "llava-med-instruct": [out/n for n in ("llava_med_instruct_10k.json", "llava_med_instruct_60k.json", "llava_med_image_urls.jsonl")],
+            "openpath": [out/"tweet_ids.txt"], "bladder": [out/"bladder.zip"]}
+
+def local_registry(base_urls,  # server URL, or several (mirrors, tried in order), the fixture files served at their roots
+                   fixtures: dict,  # {dataset name: [fixture paths]} from `write_host_fixtures`
+                   registry: dict | None = None,  # registry whose entries are rewritten (default: REGISTRY)
+                  ) -> dict:
+    "Registry entries pointing at local fixture URLs, sizes and checksums computed from the fixtures (other entries kept)."
+    import dataclasses, gzip, hashlib
+    registry = REGISTRY if registry is None else registry
+    bases = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+    out = dict(registry)
+    for name, paths in fixtures.items():
+        e = registry[name]
+        known = {f.name: f for f in e.files}
+        files = []
+        for p in map(Path, paths):
+            f = known.get(p.name) or RemoteFile(p.name, unpack="zip" if p.suffix == ".zip" else "gunzip" if p.suffix == ".gz" else "")
+            h = file_hashes(p)
+            extra = {}
+            if f.unpack == "gunzip":
+                raw = gzip.decompress(p.read_bytes())
+                extra = {"unpacked_md5": hashlib.md5(raw).hexdigest(), "unpacked_sha256": hashlib.sha256(raw).hexdigest()}
+            files.append(dataclasses.replace(f, urls=[f"{b.rstrip('/')}/{p.name}" for b in bases], size=h["size"], md5=h["md5"], sha256=h["sha256"], **extra))
+        out[name] = dataclasses.replace(e, files=files, host="http" if e.host == "x-api" else e.host, manual="")
+    return out
+
+# %% ../nbs/04_download.ipynb 48
+USER_AGENT = "pathinsight-download/1 (+https://github.com/pathinsight/pathinsight)"
+
+class FetchError(PathinsightError):
+    "A GET that still failed after its retries: the url, the last HTTP status (None: no reply) and why."
+    def __init__(self, url: str, status: int | None, why: str):
+        self.url, self.status, self.why = url, status, why
+        super().__init__(f"GET {url} failed: {why}")
+
+@dataclass
+class RetryPolicy:
+    "How the HTTP clients retry and wait; `clock` and `sleep` are injectable so tests never wait."
+    attempts: int = 5  # tries of one request on 5xx, 408 and connection errors
+    backoff: float = 2.0  # seconds before the first retry, doubled after each
+    max_backoff: float = 120.0  # longest pause between two tries
+    max_rate_waits: int = 20  # 429 replies waited out for one request before giving up
+    max_wait: float = 3600.0  # longest rate-limit wait slept through; a longer one raises (run again later)
+    margin: float = 1.0  # seconds added to a rate-limit reset time (clock skew)
+    timeout: float = 60.0  # socket timeout of one request, seconds
+    clock: Callable = time.time  # seconds since the epoch
+    sleep: Callable = time.sleep  # waits that many seconds
+
+    def backoff_for(self, attempt: int) -> float:
+        "The pause before retry number `attempt` (0-based)."
+        return min(self.max_backoff, self.backoff * 2 ** attempt)
+
+    def reset_wait(self, headers: dict) -> float | None:
+        "Seconds until the rate limit in `headers` resets (`x-rate-limit-reset` or `Retry-After`), or None."
+        try:
+            if "x-rate-limit-reset" in headers: return max(0.0, float(headers["x-rate-limit-reset"]) - self.clock()) + self.margin
+            if "retry-after" in headers: return max(0.0, float(headers["retry-after"])) + self.margin
+        except ValueError: pass  # an HTTP-date Retry-After or garbage: fall back to backoff
+        return None
+
+    def wait(self, seconds: float, url: str):
+        "Sleep `seconds`, or raise when that is over `max_wait`."
+        if seconds > self.max_wait: raise FetchError(url, 429, f"rate limit resets in {seconds:.0f} s (over max_wait={self.max_wait:.0f} s); run again later")
+        self.sleep(seconds)
+
+@dataclass
+class Reply:
+    "An HTTP reply: status, headers (lower-case names) and body (empty when streamed to a file)."
+    status: int  # HTTP status
+    headers: dict  # header name (lower case) -> value
+    body: bytes = b""  # the body, unless it was streamed to `dest`
+
+    def json(self):
+        "The body parsed as JSON (a `PathinsightError` when it is not)."
+        try: return json.loads(self.body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e: raise PathinsightError(f"expected a JSON reply, got {self.body[:80]!r} ({e})") from None
+
+class _Truncated(Exception): "A body shorter than its Content-Length."
+
+_NETWORK_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException, _Truncated)
+
+def part_path(dest) -> Path:
+    "The temporary name a download to `dest` is written under until complete."
+    dest = Path(dest)
+    return dest.with_name(dest.name + ".part")
+
+def _stream_to(r, dest: Path, length: str | None, chunk: int = 1 << 20):
+    part = part_path(dest)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(part, "wb") as f:
+        while b := r.read(chunk): f.write(b); n += len(b)
+    if length is not None and length.isdigit() and n != int(length):
+        part.unlink(missing_ok=True)
+        raise _Truncated(f"got {n} of {length} bytes")
+    os.replace(part, dest)
+
+def _attempt(url: str, headers: dict, timeout: float, dest: Path | None) -> Reply:
+    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **headers})
+    try: r = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e: r = e
+    with r:
+        status, hdrs = getattr(r, "status", None) or r.code, {k.lower(): v for k, v in r.headers.items()}
+        if dest is None or status != 200:
+            try: body = r.read()
+            except (OSError, AttributeError, http.client.HTTPException): body = b""
+            return Reply(status, hdrs, body)
+        _stream_to(r, Path(dest), hdrs.get("content-length"))
+        return Reply(status, hdrs)
+
+def get_with_retries(url: str,  # the url to GET
+                     headers: dict | None = None,  # extra request headers (e.g. Authorization)
+                     policy: RetryPolicy | None = None,  # retries, waits, timeout, clock and sleep
+                     dest=None,  # stream a 200 body to this file (atomically, via `dest.part`)
+                    ) -> Reply:
+    "GET `url`, waiting out 429s and retrying 5xx/408/connection errors; any other status is returned to the caller."
+    p, headers = policy or RetryPolicy(), dict(headers or {})
+    tries = waits = 0
+    while True:
+        try: r = _attempt(url, headers, p.timeout, dest)
+        except _NETWORK_ERRORS as e: r, why = None, f"{type(e).__name__}: {e}"
+        else:
+            if r.status == 429:
+                waits += 1
+                if waits > p.max_rate_waits: raise FetchError(url, 429, f"still rate limited after {p.max_rate_waits} waits")
+                w = p.reset_wait(r.headers)
+                p.wait(w if w is not None else p.backoff_for(waits - 1), url)
+                continue
+            if r.status < 500 and r.status != 408: return r
+            why = f"HTTP {r.status}"
+        tries += 1
+        if tries >= p.attempts: raise FetchError(url, r.status if r else None, f"{why} (after {tries} tries)")
+        w = p.reset_wait(r.headers) if r is not None else None  # a 503 may say when to come back
+        p.wait(w if w is not None else p.backoff_for(tries - 1), url)
+
+# %% ../nbs/04_download.ipynb 52
+class StubServer:
+    "A local HTTP server in a thread for tests: answers GETs from `routes` (path -> reply) and logs every request."
+    def __init__(self, routes: dict | None = None):
+        self.routes, self.log, self._httpd = dict(routes or {}), [], None
+
+    def _reply(self, path: str, query: dict, headers: dict) -> tuple:
+        route = self.routes.get(path)
+        if route is None: return 404, {}, b"not found"
+        if callable(route): return route(path, query, headers)
+        return route if isinstance(route, tuple) else (200, {}, route)
+
+    def start(self) -> StubServer:
+        "Start serving on a free localhost port."
+        stub = self
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                u = urllib.parse.urlsplit(self.path)
+                stub.log.append(self.path)
+                status, headers, body = stub._reply(u.path, dict(urllib.parse.parse_qsl(u.query)), {k.lower(): v for k, v in self.headers.items()})
+                if isinstance(body, (dict, list)): body, headers = json.dumps(body).encode(), {"content-type": "application/json", **headers}
+                self.send_response(status)
+                for k, v in headers.items(): self.send_header(k, str(v))
+                if "content-length" not in {k.lower() for k in headers}: self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            def log_message(self, *args): pass
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    @property
+    def url(self) -> str:
+        "The server's base url."
+        return f"http://127.0.0.1:{self._httpd.server_port}"
+
+    def stop(self):
+        "Stop serving and close the socket."
+        if self._httpd: self._httpd.shutdown(); self._httpd.server_close(); self._httpd = None
+
+    def __enter__(self): return self.start()
+    def __exit__(self, *exc): self.stop()
+
+# %% ../nbs/04_download.ipynb 56
+_ID = re.compile(r"\d{1,20}")
+_ID_COLS = ("tweet_id", "tweetid", "id", "id_str", "status_id", "post_id", "twitter_id")
+
+def read_tweet_ids(path,  # text file (one id per line) or csv/tsv with a tweet id column
+                  ) -> tuple[list[str], list[dict]]:
+    "The distinct tweet ids of `path` in file order, and its entries that are not usable ids ({row, value, reason})."
+    path = Path(path)
+    if not path.is_file(): raise PathinsightError(f"tweet id file not found: {path}")
+    lines = [(i, l) for i, l in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1) if l.strip() and not l.lstrip().startswith("#")]
+    if not lines: return [], []
+    delim = "\t" if "\t" in lines[0][1] else ","
+    rows = [(i, next(csv.reader([l], delimiter=delim), [])) for i, l in lines]
+    header = [h.strip().lower() for h in rows[0][1]]
+    col = next((header.index(c) for c in _ID_COLS if c in header), None)
+    if col is not None: rows = rows[1:]
+    elif len(header) > 1 and not _ID.fullmatch(header[0]):
+        raise PathinsightError(f"{path}: no tweet id column (looked for {list(_ID_COLS)}; found {rows[0][1]})")
+    else: col = 0
+    ids, problems, seen = [], [], set()
+    for i, r in rows:
+        v = r[col].strip() if col < len(r) else ""
+        if not _ID.fullmatch(v):
+            why = "not_an_id (scientific notation: digits already lost)" if re.fullmatch(r"[\d.]+[eE]\+?\d+", v) else "not_an_id"
+            problems.append({"row": i, "value": v, "reason": why}); continue
+        if v in seen: problems.append({"row": i, "value": v, "reason": "duplicate"}); continue
+        seen.add(v); ids.append(v)
+    return ids, problems
+
+# %% ../nbs/04_download.ipynb 60
+X_API = "https://api.x.com"  # the X API root (https://api.twitter.com still answers too)
+TWEET_FIELDS = "attachments,created_at,note_tweet"  # tweet.fields requested besides the default id and text
+MEDIA_FIELDS = "url,type"  # media.fields requested
+
+def lookup_url(base_url: str,  # the API root, e.g. X_API
+               ids: list[str],  # 1-100 tweet ids
+              ) -> str:
+    "The v2 tweets-lookup url for `ids`, expanding attached media."
+    q = {"ids": ",".join(ids), "expansions": "attachments.media_keys", "media.fields": MEDIA_FIELDS, "tweet.fields": TWEET_FIELDS}
+    return f"{base_url.rstrip('/')}/2/tweets?{urllib.parse.urlencode(q, safe=',')}"
+
+def _parse_post(t: dict, media: dict) -> dict:
+    ms = [media.get(k, {"media_key": k, "type": "not_in_includes"}) for k in (t.get("attachments") or {}).get("media_keys", [])]
+    photos = [m["url"] for m in ms if m.get("type") == "photo" and m.get("url")]
+    return {"id": str(t["id"]), "text": (t.get("note_tweet") or {}).get("text") or t.get("text", ""), "photos": photos,
+            "other_media": sorted({str(m.get("type")) for m in ms if not (m.get("type") == "photo" and m.get("url"))})}
+
+def parse_lookup(body: dict,  # the JSON reply of a tweets lookup
+                 ids: list[str],  # the ids that were requested
+                ) -> dict:
+    "Split a lookup reply into `tweets` (id, text, photos, other_media), `errors` per requested id, `missing` ids and `other_errors`."
+    media = {m.get("media_key"): m for m in (body.get("includes") or {}).get("media", [])}
+    tweets = [_parse_post(t, media) for t in body.get("data") or []]
+    wanted, errors, other = set(ids), [], []
+    for e in body.get("errors") or []:
+        tid = str(e.get("resource_id") or e.get("value") or "")
+        row = {"id": tid, "title": e.get("title", ""), "detail": e.get("detail", ""), "type": e.get("type", "")}
+        (errors if tid in wanted and e.get("resource_type", "tweet") == "tweet" else other).append(row)
+    seen = {t["id"] for t in tweets} | {e["id"] for e in errors}
+    return {"tweets": tweets, "errors": errors, "missing": [i for i in ids if i not in seen], "other_errors": other}
+
+def _api_error(r: Reply) -> PathinsightError:
+    try: b = json.loads(r.body)
+    except (json.JSONDecodeError, UnicodeDecodeError): b = {}
+    what = "; ".join(str(b.get(k)) for k in ("title", "detail", "reason") if isinstance(b, dict) and b.get(k)) or r.body[:200].decode("utf-8", "replace")
+    hint = {401: " (check the bearer token: X_BEARER_TOKEN)",
+            403: " (does the app's access tier include GET /2/tweets, and is the app attached to a project?)"}.get(r.status, "")
+    return PathinsightError(f"X API answered HTTP {r.status}: {what}{hint}")
+
+@dataclass
+class XClient:
+    "A small X API v2 tweets-lookup client: bearer auth, rate-limit windows respected, retries with backoff."
+    token: str  # the app's bearer token (never logged)
+    base_url: str = X_API  # API root
+    policy: RetryPolicy = field(default_factory=RetryPolicy)  # retries, waits, clock and sleep
+    requests: int = 0  # lookups answered so far
+    reset_at: float | None = None  # when the exhausted rate-limit window reopens (epoch seconds)
+
+    def _respect_window(self):
+        if self.reset_at is not None and (w := self.reset_at - self.policy.clock()) > 0: self.policy.wait(w + self.policy.margin, self.base_url)
+        self.reset_at = None
+
+    def _note_window(self, headers: dict):
+        try:
+            if headers.get("x-rate-limit-remaining", "").strip() == "0": self.reset_at = float(headers["x-rate-limit-reset"])
+        except (KeyError, ValueError): pass
+
+    def lookup(self, ids: list[str]) -> dict:
+        "Look up 1-100 tweet ids; the reply parsed by `parse_lookup`."
+        if not 1 <= len(ids) <= 100: raise PathinsightError(f"a lookup takes 1-100 ids, got {len(ids)}")
+        self._respect_window()
+        r = get_with_retries(lookup_url(self.base_url, ids), {"Authorization": f"Bearer {self.token}"}, self.policy)
+        self.requests += 1
+        self._note_window(r.headers)
+        if r.status != 200: raise _api_error(r)
+        body = r.json()
+        if not isinstance(body, dict): raise PathinsightError(f"X API: expected a JSON object, got {type(body).__name__}")
+        return parse_lookup(body, ids)
+
+_X_PROBLEMS = "https://api.twitter.com/2/problems/"
+
+def x_error(tid: str, protected: bool = False) -> dict:
+    "The `errors` entry the X API v2 gives for a deleted (or a protected) post."
+    if protected: title, detail, kind = "Authorization Error", f"Sorry, you are not authorized to see the Tweet with ids: [{tid}].", "not-authorized-for-resource"
+    else: title, detail, kind = "Not Found Error", f"Could not find tweet with ids: [{tid}].", "resource-not-found"
+    return {"value": tid, "detail": detail, "title": title, "resource_type": "tweet", "parameter": "ids",
+            "resource_id": tid, "type": _X_PROBLEMS + kind}
+
+# %% ../nbs/04_download.ipynb 64
+def x_lookup_route(tweets: dict,  # id -> v2 tweet object ({id, text, attachments: {media_keys}})
+                   media: dict | None = None,  # media_key -> media object ({media_key, type, url})
+                   protected: Iterable = (),  # ids answered with an Authorization Error (others unknown: Not Found)
+                   token: str = "test-token",  # the bearer token the stub accepts
+                   limit: int = 300,  # requests per rate-limit window (x-rate-limit-remaining counts down)
+                   reset: float = 0.0,  # the window's x-rate-limit-reset (epoch seconds)
+                   script: list | None = None,  # (status, headers, body) replies sent first, in order
+                  ) -> Callable:
+    "A `StubServer` route that answers like the X API v2 `GET /2/tweets` lookup."
+    media, protected, script, n = media or {}, set(protected), list(script or []), [0]
+    def route(path, query, headers):
+        if script: return script.pop(0)
+        if headers.get("authorization") != f"Bearer {token}": return 401, {}, {"title": "Unauthorized", "type": "about:blank", "status": 401, "detail": "Unauthorized"}
+        ids = [i for i in query.get("ids", "").split(",") if i]
+        if not 1 <= len(ids) <= 100: return 400, {}, {"title": "Invalid Request", "detail": "ids: 1-100 ids"}
+        n[0] += 1
+        data = [tweets[i] for i in ids if i in tweets]
+        keys = [k for t in data for k in (t.get("attachments") or {}).get("media_keys", [])]
+        body = {"data": data} if data else {}
+        if keys: body["includes"] = {"media": [media[k] for k in dict.fromkeys(keys) if k in media]}
+        if errs := [x_error(i, i in protected) for i in ids if i not in tweets]: body["errors"] = errs
+        return 200, {"x-rate-limit-limit": limit, "x-rate-limit-remaining": max(0, limit - n[0]), "x-rate-limit-reset": int(reset)}, body
+    return route
+
+# %% ../nbs/04_download.ipynb 68
+STATE_FILE, REPORT_FILE, OPENPATH_CSV = "hydrate_state.jsonl", "hydrate_report.json", "tweets.csv"
+_PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp")
+
+def read_state(path) -> list[dict]:
+    "The lines of a JSON Lines state file; a torn last line (a run killed mid-write) is dropped and the file repaired."
+    path = Path(path)
+    if not path.exists(): return []
+    text = path.read_text(encoding="utf-8")
+    lines, out = text.split("\n"), []
+    for i, line in enumerate(lines):
+        if not line.strip(): continue
+        try: out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1: raise PathinsightError(f"{path}:{i+1}: malformed state line (delete the file to start over)") from None
+            get_logger().warning(f"{path}: dropped a torn last line (an interrupted run); its batch will be redone")
+    if text and not text.endswith("\n"):  # torn (or unterminated): rewrite, so the next append starts a clean line
+        with atomic_write(path, encoding="utf-8") as f: f.writelines(json.dumps(o, ensure_ascii=False) + "\n" for o in out)
+    return out
+
+def append_state(path, obj: dict):
+    "Append `obj` as one JSON line with a single write, flushed to disk."
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(obj, ensure_ascii=False) + "\n"); f.flush(); os.fsync(f.fileno())
+
+def _bearer_token(token: str | None) -> str:
+    token = token or os.environ.get("X_BEARER_TOKEN", "")
+    if not token.strip(): raise PathinsightError("hydrating OpenPath needs an X API bearer token: pass bearer_token or set X_BEARER_TOKEN")
+    return token.strip()
+
+def photo_name(tid: str, n: int, url: str) -> str:
+    "The file name of photo `n` of post `tid` (extension from the url, default .jpg)."
+    u = urllib.parse.urlsplit(url)
+    ext = Path(u.path).suffix.lower() or "." + dict(urllib.parse.parse_qsl(u.query)).get("format", "jpg").lower()
+    return f"{tid}_{n}{ext if ext in _PHOTO_EXTS else '.jpg'}"
+
+def _sized(url: str, size: str | None) -> str:
+    return url if not size else f"{url}{'&' if '?' in url else '?'}name={size}"
+
+# %% ../nbs/04_download.ipynb 71
+def _lookup_pending(todo, state_path, token, base_url, batch_size, max_batches, policy) -> tuple[list, int]:
+    "Look up `todo` in batches, appending each answered batch to the state file; (new batch lines, requests)."
+    if not todo or max_batches == 0: return [], 0
+    client = XClient(_bearer_token(token), base_url, policy)
+    chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)][:max_batches]
+    new = []
+    for batch in progress(chunks, desc="X lookup", unit="batch"):
+        line = {"kind": "batch", "ids": batch, **client.lookup(batch)}
+        append_state(state_path, line); new.append(line)
+    return new, client.requests
+
+def _download_photos(jobs, img_dir, state_path, workers, policy) -> dict:
+    "Download (tid, n, url, name) jobs not on disk yet; failures {name: reason}, permanent ones noted in the state."
+    failed = {}
+    def one(job):
+        _, _, url, name = job
+        try: r = get_with_retries(url, policy=policy, dest=img_dir/name)
+        except FetchError as e: return job, None, e.why
+        return job, r.status, "" if r.status == 200 else f"HTTP {r.status}"
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        for job, status, why in progress(ex.map(one, jobs), desc="OpenPath images", total=len(jobs), unit="img"):
+            if not why: continue
+            failed[job[3]] = why
+            if status in (403, 404, 410): append_state(state_path, {"kind": "gone", "url": job[2], "status": status})
+    return failed
+
+def _write_openpath_csv(path, rows):
+    with atomic_write(path, newline="", encoding="utf-8") as f:
+        w = csv.writer(f); w.writerow(["tweet_id", "text", "image"]); w.writerows(rows)
+
+def _openpath_report(ids, problems, batches, posts, errors, rows, failed, requests) -> dict:
+    "The hydration report: every id in exactly one of hydrated, unavailable, no_photo, images_failed, pending."
+    with_rows = {r[0] for r in rows}
+    status = {}
+    for i in ids:
+        if i in errors: status[i] = "unavailable"
+        elif i not in posts: status[i] = "pending"
+        elif not posts[i]["photos"]: status[i] = "no_photo"
+        else: status[i] = "hydrated" if i in with_rows else "images_failed"
+    count = {k: sum(v == k for v in status.values()) for k in ("hydrated", "unavailable", "no_photo", "images_failed", "pending")}
+    by_title = {}
+    for i in ids:
+        if status[i] == "unavailable": by_title[errors[i]["title"]] = by_title.get(errors[i]["title"], 0) + 1
+    return {"ids": len(ids), "tweets": count, "images": len(rows), "complete": count["pending"] == 0,
+            "api_requests_this_run": requests, "unavailable_by_title": by_title,
+            "unavailable": {i: f"{errors[i]['title']}: {errors[i]['detail']}" for i in ids if status[i] == "unavailable"},
+            "no_photo": {i: posts[i]["other_media"] for i in ids if status[i] == "no_photo"},
+            "image_failures": failed, "invalid_ids": [p for p in problems if p["reason"] != "duplicate"],
+            "duplicates": sum(p["reason"] == "duplicate" for p in problems),
+            "other_errors": [e for b in batches for e in b.get("other_errors", [])]}
+
+def hydrate_openpath(ids_file,  # OpenPath tweet ids: one per line, or a csv/tsv with a tweet id column
+                     out_dir,  # gets tweets.csv, images/, hydrate_state.jsonl and hydrate_report.json
+                     bearer_token: str | None = None,  # X API bearer token (default: env X_BEARER_TOKEN)
+                     base_url: str = X_API,  # the API root
+                     batch_size: int = 100,  # ids per lookup request (the API takes 1-100)
+                     max_batches: int | None = None,  # look up at most this many batches this run (None: all)
+                     workers: int = 4,  # parallel photo downloads
+                     photo_size: str | None = None,  # pbs.twimg.com size variant ('orig', 'large'); None: the url as given
+                     policy: RetryPolicy | None = None,  # retries, waits, timeout, clock and sleep
+                    ) -> dict:
+    "Hydrate OpenPath tweet ids through the X API v2 into the `tweets.csv` + `images/` that `load_openpath` reads; return the report."
+    if not 1 <= batch_size <= 100: raise PathinsightError(f"batch_size must be 1-100, got {batch_size}")
+    out, policy = Path(out_dir), policy or RetryPolicy()
+    out.mkdir(parents=True, exist_ok=True)
+    ids, problems = read_tweet_ids(ids_file)
+    state_path = out/STATE_FILE
+    state = read_state(state_path)
+    done = {i for s in state if s.get("kind") == "batch" for i in s["ids"]}
+    new, requests = _lookup_pending([i for i in ids if i not in done], state_path, bearer_token, base_url, batch_size, max_batches, policy)
+    state += new
+    batches = [s for s in state if s.get("kind") == "batch"]
+    gone = {s["url"]: s["status"] for s in state if s.get("kind") == "gone"}
+    posts = {t["id"]: t for b in batches for t in b["tweets"]}
+    errors = {e["id"]: e for b in batches for e in b["errors"]}
+    errors.update({i: {"id": i, "title": "Missing from response", "detail": "the API neither returned nor rejected this id"} for b in batches for i in b["missing"]})
+    jobs = [(i, n, _sized(u, photo_size), photo_name(i, n, u)) for i in ids if i in posts for n, u in enumerate(posts[i]["photos"])]
+    img_dir = out/"images"
+    failed = {name: f"HTTP {gone[url]} (earlier run)" for _, _, url, name in jobs if url in gone and not (img_dir/name).is_file()}
+    failed.update(_download_photos([j for j in jobs if j[3] not in failed and not (img_dir/j[3]).is_file()], img_dir, state_path, workers, policy))
+    rows = [(i, posts[i]["text"], f"images/{name}") for i, n, url, name in jobs if name not in failed]
+    _write_openpath_csv(out/OPENPATH_CSV, rows)
+    report = _openpath_report(ids, problems, batches, posts, errors, rows, failed, requests)
+    write_json(out/REPORT_FILE, report)
+    count = report["tweets"]
+    get_logger().info(f"OpenPath: {count['hydrated']} of {len(ids)} posts hydrated ({len(rows)} images), {count['unavailable']} unavailable, "
+                      f"{count['no_photo']} without a photo, {count['images_failed']} with no downloadable photo, {count['pending']} pending")
+    return report
+
+# %% ../nbs/04_download.ipynb 77
+LLAVA_MED_IMAGE_URLS = "https://hanoverprod.z21.web.core.windows.net/med_llava/llava_med_image_urls.jsonl"
+PERMANENT_PMC_FAILURES = {"package_not_found", "corrupt_archive", "member_not_in_tar", "member_not_a_file", "member_too_large", "unsafe_member"}
+
+def needed_images(*paths,  # LLaVA-Med instruct JSON lists or JSON Lines files (rows with an `image` field)
+                 ) -> set[str]:
+    "The image names the given LLaVA-Med instruct / eval files refer to."
+    names = set()
+    for path in map(Path, paths):
+        if not path.is_file(): raise PathinsightError(f"LLaVA-Med file not found: {path}")
+        try: rows = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()] if path.suffix == ".jsonl" else json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e: raise PathinsightError(f"{path}: not valid JSON ({e})") from None
+        names |= {str(r["image"]) for r in rows if isinstance(r, dict) and r.get("image")}
+    return names
+
+def _safe_name(name: str) -> bool:
+    return bool(name) and name == Path(name).name and not name.startswith(".") and "\\" not in name
+
+def plan_pmc_fetch(urls_file,  # llava_med_image_urls.jsonl: rows of pair_id, pmc_tar_url, image_file_path
+                   needed: Iterable[str] | None = None,  # image names to fetch; None: every row
+                  ) -> tuple[dict, dict]:
+    "The wanted figures grouped by package ({url: [(image name, member path)]}) and the wanted ones no row can give ({name: problem})."
+    path = Path(urls_file)
+    if not path.is_file(): raise PathinsightError(f"LLaVA-Med image url list not found: {path}")
+    want = None if needed is None else set(needed)
+    groups, missing, named = {}, {}, set()
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip(): continue
+        try: row = json.loads(line)
+        except json.JSONDecodeError as e: raise PathinsightError(f"{path}:{i}: malformed JSON line ({e.msg})") from None
+        pid, url, member = (str(row.get(k) or "") if isinstance(row, dict) else "" for k in ("pair_id", "pmc_tar_url", "image_file_path"))
+        name = f"{pid}.jpg"
+        if want is not None and name not in want: continue
+        if not (_safe_name(name) and url and member):
+            missing[name if pid else f"{path.name}:{i}"] = {"reason": "malformed_row", "detail": f"{path.name}:{i}: needs pair_id, pmc_tar_url, image_file_path", "url": url}
+            continue
+        if name in named: continue
+        named.add(name); groups.setdefault(url, []).append((name, member))
+    for name in sorted((want or set()) - named - set(missing)):
+        missing[name] = {"reason": "not_in_url_list", "detail": f"no row of {path.name} has pair_id {Path(name).stem!r}", "url": ""}
+    return groups, missing
+
+# %% ../nbs/04_download.ipynb 80
+def _mirrored(url: str, mirror: str | None) -> str:
+    if not mirror: return url
+    u = urllib.parse.urlsplit(url)
+    return mirror.rstrip("/") + u.path + (f"?{u.query}" if u.query else "")
+
+def member_key(name: str) -> str | None:
+    "A tar member path without leading `./`; None when it is absolute or climbs out (`..`)."
+    while name.startswith("./"): name = name[2:]
+    if not name or name.startswith("/") or ".." in name.split("/"): return None
+    return name
+
+def _find_member(members: dict, wanted: str):
+    "The tar member `wanted` (exact path, or the only member with that file name), or None."
+    w = member_key(wanted)
+    if w in members: return members[w]
+    base = [m for k, m in members.items() if k.rsplit("/", 1)[-1] == w.rsplit("/", 1)[-1]]
+    return base[0] if len(base) == 1 else None
+
+def _write_bytes(dest: Path, data: bytes):
+    part = part_path(dest)
+    part.write_bytes(data); os.replace(part, dest)
+
+def extract_figures(package,  # a downloaded .tar.gz (any tar compression)
+                    items: list,  # [(image name, member path)] to take out of it
+                    image_dir,  # where the images are written
+                    url: str = "",  # the package url (for the report)
+                    max_member_bytes: int = 200 << 20,  # larger members are refused
+                   ) -> tuple[int, dict]:
+    "Write the wanted members of a PMC package as `image_dir/<name>`, reading them without unpacking; (written, {name: problem})."
+    lost, data = {}, {}
+    try:
+        with tarfile.open(package, "r:*") as tar:
+            members = {k: m for m in tar.getmembers() if (k := member_key(m.name))}  # reads the whole archive: corruption shows here
+            for name, member in items:
+                m = None if member_key(member) is None else _find_member(members, member)
+                why = ("unsafe_member" if member_key(member) is None else "member_not_in_tar" if m is None else
+                       "member_not_a_file" if not m.isfile() else "member_too_large" if m.size > max_member_bytes else "")
+                if why: lost[name] = {"reason": why, "detail": member, "url": url}
+                else: data[name] = tar.extractfile(m).read()
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:  # gzip/bz2 raise OSError subclasses on bad data
+        lost.update({n: {"reason": "corrupt_archive", "detail": f"{type(e).__name__}: {e}", "url": url} for n, _ in items if n not in data and n not in lost})
+    for name, b in data.items(): _write_bytes(Path(image_dir)/name, b)  # outside the try: a full disk is not a corrupt archive
+    return len(data), lost
+
+def _fetch_package(url, items, image_dir, work, mirror, policy) -> tuple[int, dict]:
+    def lost(reason, detail): return 0, {n: {"reason": reason, "detail": detail, "url": url} for n, _ in items}
+    pkg = work/(hashlib.sha1(url.encode()).hexdigest()[:16] + ".tar.gz")
+    try: r = get_with_retries(_mirrored(url, mirror), policy=policy, dest=pkg)
+    except FetchError as e: return lost("download_failed", e.why)
+    if r.status in (404, 410): return lost("package_not_found", f"HTTP {r.status}")
+    if r.status != 200: return lost("download_failed", f"HTTP {r.status}")
+    try: return extract_figures(pkg, items, image_dir, url)
+    finally: pkg.unlink(missing_ok=True)
+
+# %% ../nbs/04_download.ipynb 83
+def fetch_pmc_images(urls_file,  # llava_med_image_urls.jsonl (pair_id, pmc_tar_url, image_file_path per row)
+                     image_dir,  # images are written here as <pair_id>.jpg
+                     needed: Iterable[str] | None = None,  # image names to fetch (see `needed_images`); None: every row
+                     workers: int = 4,  # packages downloaded at once
+                     mirror: str | None = None,  # replaces the scheme and host of every package url
+                     retry_failed: bool = False,  # retry figures an earlier run found permanently missing
+                     report_path=None,  # the json report (default: <image_dir>_report.json beside the folder)
+                     policy: RetryPolicy | None = None,  # retries, waits, timeout, clock and sleep
+                    ) -> dict:
+    "Fetch the LLaVA-Med figures from their PubMed Central packages into `image_dir`; report what is missing and why."
+    idir = Path(image_dir); idir.mkdir(parents=True, exist_ok=True)
+    rp = Path(report_path) if report_path else idir.with_name(idir.name + "_report.json")
+    groups, missing = plan_pmc_fetch(urls_file, needed)
+    earlier = {}
+    if rp.exists() and not retry_failed:
+        try: earlier = {k: v for k, v in json.loads(rp.read_text(encoding="utf-8")).get("missing", {}).items() if v.get("reason") in PERMANENT_PMC_FAILURES}
+        except (json.JSONDecodeError, AttributeError): get_logger().warning(f"{rp}: unreadable report, retrying everything")
+    present, todo = 0, {}
+    for url, items in groups.items():
+        left = []
+        for name, member in items:
+            if (idir/name).is_file(): present += 1
+            elif name in earlier: missing[name] = earlier[name]
+            else: left.append((name, member))
+        if left: todo[url] = left
+    work, extracted = idir.with_name(f".{idir.name}.packages"), 0
+    work.mkdir(exist_ok=True)
+    try:
+        with ThreadPoolExecutor(max(1, workers)) as ex:
+            futs = [ex.submit(_fetch_package, url, items, idir, work, mirror, policy or RetryPolicy()) for url, items in todo.items()]
+            for fut in progress(as_completed(futs), desc="PMC packages", total=len(futs), unit="pkg"):
+                got, lost = fut.result(); extracted += got; missing.update(lost)
+    finally: shutil.rmtree(work, ignore_errors=True)
+    by_reason = {}
+    for v in missing.values(): by_reason[v["reason"]] = by_reason.get(v["reason"], 0) + 1
+    report = {"wanted": present + extracted + len(missing), "present": present, "extracted": extracted,
+              "packages_requested": len(todo), "missing_by_reason": by_reason, "missing": dict(sorted(missing.items()))}
+    write_json(rp, report)
+    get_logger().info(f"LLaVA-Med images: {extracted} extracted, {present} already present, {len(missing)} missing {by_reason or ''}")
+    return report
+
+# %% ../nbs/04_download.ipynb 87
+def hydrate_step(entry: DatasetEntry,  # the `openpath` entry
+                 root,  # download root
+                 opts: FetchOptions,  # x_token and x_api are read from here
+                ) -> list:
+    "Post step `x-hydrate`: hydrate the tweet-id file; the lines still to do."
+    ids = dataset_path(entry.name, root, "ids", {entry.name: entry})
+    if not ids.exists(): return [entry.manual or f"{ids} is missing"]
+    rep = hydrate_openpath(ids, ids.parent, bearer_token=opts.x_token, base_url=opts.x_api or X_API)
+    left = rep["tweets"]["pending"]
+    return [f"{left} tweet ids not yet looked up (rate limit or errors): run again; see {ids.parent/REPORT_FILE}"] if left else []
+
+def pmc_step(entry: DatasetEntry,  # the `llava-med-instruct` entry
+             root,  # download root
+             opts: FetchOptions,  # pmc_mirror is read from here
+            ) -> list:
+    "Post step `pmc-images`: fetch the PMC figures the instruct JSONs use; the lines still to do."
+    reg = {entry.name: entry}
+    jsons = [dataset_path(entry.name, root, k, reg) for k in entry.paths if k in ("main", "60k")]
+    needed = needed_images(*[j for j in jsons if j.exists()])
+    images = dataset_path(entry.name, root, "images", reg)
+    rep = fetch_pmc_images(dataset_path(entry.name, root, "urls", reg), images, needed=needed, mirror=opts.pmc_mirror)
+    n = len(rep["missing"])
+    return [f"{n} of {rep['wanted']} figures could not be fetched ({rep['missing_by_reason']}); see {images.with_name(images.name + '_report.json')}"] if n else []
+
+POST_STEPS.update({"x-hydrate": hydrate_step, "pmc-images": pmc_step})
