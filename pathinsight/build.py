@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_build.ipynb 3
 from __future__ import annotations
-import dataclasses, inspect, io, json, os, re, shutil, tempfile, threading
+import dataclasses, inspect, io, json, os, shutil, tempfile, threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, asdict
 from pathlib import Path

@@ -18,10 +18,10 @@ __all__ = ['REGISTRY', 'MANIFEST', 'FETCHERS', 'POST_STEPS', 'POST_HELP', 'USER_
            'DatasetEntry', 'dataset_path', 'dataset_dir', 'FaultyServer', 'FetchOptions', 'file_hashes',
            'checksum_problem', 'fetch_file', 'read_manifest', 'fetch_http', 'fetch_hf', 'licence_problem', 'download',
            'human_size', 'registry_table', 'download_cmd', 'write_host_fixtures', 'local_registry', 'FetchError',
-           'RetryPolicy', 'Reply', 'part_path', 'get_with_retries', 'StubServer', 'read_tweet_ids', 'lookup_url',
-           'parse_lookup', 'XClient', 'x_error', 'x_lookup_route', 'read_state', 'append_state', 'photo_name',
-           'hydrate_openpath', 'needed_images', 'plan_pmc_fetch', 'member_key', 'extract_figures', 'fetch_pmc_images',
-           'hydrate_step', 'pmc_step']
+           'RetryPolicy', 'Reply', 'part_path', 'get_with_retries', 'read_tweet_ids', 'lookup_url', 'parse_lookup',
+           'XClient', 'x_error', 'x_lookup_route', 'read_state', 'append_state', 'photo_name', 'hydrate_openpath',
+           'needed_images', 'plan_pmc_fetch', 'member_key', 'extract_figures', 'fetch_pmc_images', 'hydrate_step',
+           'pmc_step']
 
 # %% ../nbs/04_download.ipynb 6
 @dataclass
@@ -222,17 +222,15 @@ def dataset_dir(name: str, root, registry: dict | None = None) -> Path:
 
 # %% ../nbs/04_download.ipynb 12
 class FaultyServer:
-    "A local HTTP server over a folder with Range support and injectable faults; a context manager."
-    def __init__(self, root,  # folder served at /
+    "A local HTTP server over a folder and stub routes, with Range support and injectable faults; a context manager."
+    def __init__(self, root=None,  # folder served at / (None: routes only)
                  chunk: int = 16384,  # bytes written per chunk (faults act per chunk)
+                 routes: dict | None = None,  # path (or prefix ending in '/') -> bytes, (status, headers, body) or fn(path, query, headers)
                 ):
-        import threading
-        self.root, self.chunk, self.requests, self.faults, self.routes = Path(root), chunk, [], [], {}
+        self.root, self.chunk, self.requests, self.faults, self.routes = Path(root) if root else None, chunk, [], [], dict(routes or {})
         self._lock, self._server, self.url = threading.Lock(), None, ""
 
     def __enter__(self):
-        import threading
-        from http.server import ThreadingHTTPServer
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _faulty_handler(self))
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -264,9 +262,20 @@ class FaultyServer:
     def ignore_range(self, path: str, times: int | None = None):
         "Ignore Range headers on `path` (answer 200 with the whole file)."
         return self._add("norange", path, times)
-    def route(self, prefix: str, fn):
-        "Answer request paths starting with `prefix` with `fn(method, path, headers) -> (status, headers, body)`."
-        self.routes[prefix] = fn; return self
+    @property
+    def log(self) -> list:
+        "Every request's path and query, in order."
+        return [r["target"] for r in self.requests]
+
+    def reply_for(self, path: str, query: dict, headers: dict) -> tuple | None:
+        "The (status, headers, body) a route gives this request, or None when no route matches."
+        hit = self.routes.get(path)
+        if hit is None:
+            prefix = max((k for k in self.routes if k.endswith("/") and path.startswith(k)), key=len, default=None)
+            hit = self.routes.get(prefix)
+        if hit is None: return None
+        if callable(hit): hit = hit(path, query, headers)
+        return hit if isinstance(hit, tuple) else (200, {}, hit)
 
     def take(self, path: str) -> dict:
         "The faults that apply to this request of `path` (each used once more), by kind."
@@ -284,32 +293,33 @@ class FaultyServer:
 
 def _faulty_handler(srv: FaultyServer):
     "The request handler class of `srv`."
-    from http.server import BaseHTTPRequestHandler
-    from urllib.parse import urlsplit, unquote
+    from urllib.parse import parse_qsl, urlsplit, unquote
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         def log_message(self, *a): pass
 
         def _plain(self, code, body=b"", headers=()):
+            if isinstance(body, (dict, list)): body, headers = json.dumps(body).encode(), [("Content-Type", "application/json"), *headers]
             self.send_response(code)
-            for k, v in headers: self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body))); self.end_headers()
+            for k, v in headers: self.send_header(k, str(v))
+            if "content-length" not in {k.lower() for k, _ in headers}: self.send_header("Content-Length", str(len(body)))
+            else: self.close_connection = True  # a stated length may be a lie (a test of truncation): end the connection
+            self.end_headers()
             if self.command != "HEAD": self.wfile.write(body)
 
         def _serve(self):
-            path = unquote(urlsplit(self.path).path)
-            srv.requests.append({"method": self.command, "path": path, "range": self.headers.get("Range"), "time": time.time()})
-            for prefix, fn in srv.routes.items():
-                if path.startswith(prefix):
-                    code, headers, body = fn(self.command, self.path, self.headers)
-                    return self._plain(code, body, list(headers.items()))
+            u = urlsplit(self.path)
+            path = unquote(u.path)
+            srv.requests.append({"method": self.command, "path": path, "target": self.path, "range": self.headers.get("Range"), "time": time.time()})
+            reply = srv.reply_for(path, dict(parse_qsl(u.query)), {k.lower(): v for k, v in self.headers.items()})
+            if reply is not None: return self._plain(reply[0], reply[2], list(reply[1].items()))
             faults = srv.take(path)
             if "status" in faults: return self._plain(faults["status"]["code"], b"fault")
             rel = path.lstrip("/")
             if rel.startswith("~"): rel = rel.split("/", 1)[1] if "/" in rel else ""
-            f = (srv.root/rel).resolve()
-            if not rel or srv.root.resolve() not in f.parents or not f.is_file(): return self._plain(404, b"not found")
+            f = (srv.root/rel).resolve() if srv.root else None
+            if not rel or f is None or srv.root.resolve() not in f.parents or not f.is_file(): return self._plain(404, b"not found")
             size, start, end = f.stat().st_size, 0, f.stat().st_size - 1
             rng = self.headers.get("Range", "")
             if rng.startswith("bytes=") and "norange" not in faults:
@@ -901,50 +911,7 @@ def get_with_retries(url: str,  # the url to GET
         w = p.reset_wait(r.headers) if r is not None else None  # a 503 may say when to come back
         p.wait(w if w is not None else p.backoff_for(tries - 1), url)
 
-# %% ../nbs/04_download.ipynb 52
-class StubServer:
-    "A local HTTP server in a thread for tests: answers GETs from `routes` (path -> reply) and logs every request."
-    def __init__(self, routes: dict | None = None):
-        self.routes, self.log, self._httpd = dict(routes or {}), [], None
-
-    def _reply(self, path: str, query: dict, headers: dict) -> tuple:
-        route = self.routes.get(path)
-        if route is None: return 404, {}, b"not found"
-        if callable(route): return route(path, query, headers)
-        return route if isinstance(route, tuple) else (200, {}, route)
-
-    def start(self) -> StubServer:
-        "Start serving on a free localhost port."
-        stub = self
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                u = urllib.parse.urlsplit(self.path)
-                stub.log.append(self.path)
-                status, headers, body = stub._reply(u.path, dict(urllib.parse.parse_qsl(u.query)), {k.lower(): v for k, v in self.headers.items()})
-                if isinstance(body, (dict, list)): body, headers = json.dumps(body).encode(), {"content-type": "application/json", **headers}
-                self.send_response(status)
-                for k, v in headers.items(): self.send_header(k, str(v))
-                if "content-length" not in {k.lower() for k in headers}: self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-            def log_message(self, *args): pass
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        return self
-
-    @property
-    def url(self) -> str:
-        "The server's base url."
-        return f"http://127.0.0.1:{self._httpd.server_port}"
-
-    def stop(self):
-        "Stop serving and close the socket."
-        if self._httpd: self._httpd.shutdown(); self._httpd.server_close(); self._httpd = None
-
-    def __enter__(self): return self.start()
-    def __exit__(self, *exc): self.stop()
-
-# %% ../nbs/04_download.ipynb 56
+# %% ../nbs/04_download.ipynb 54
 _ID = re.compile(r"\d{1,20}")
 _ID_COLS = ("tweet_id", "tweetid", "id", "id_str", "status_id", "post_id", "twitter_id")
 
@@ -973,7 +940,7 @@ def read_tweet_ids(path,  # text file (one id per line) or csv/tsv with a tweet 
         seen.add(v); ids.append(v)
     return ids, problems
 
-# %% ../nbs/04_download.ipynb 60
+# %% ../nbs/04_download.ipynb 58
 X_API = "https://api.x.com"  # the X API root (https://api.twitter.com still answers too)
 TWEET_FIELDS = "attachments,created_at,note_tweet"  # tweet.fields requested besides the default id and text
 MEDIA_FIELDS = "url,type"  # media.fields requested
@@ -1052,7 +1019,7 @@ def x_error(tid: str, protected: bool = False) -> dict:
     return {"value": tid, "detail": detail, "title": title, "resource_type": "tweet", "parameter": "ids",
             "resource_id": tid, "type": _X_PROBLEMS + kind}
 
-# %% ../nbs/04_download.ipynb 64
+# %% ../nbs/04_download.ipynb 62
 def x_lookup_route(tweets: dict,  # id -> v2 tweet object ({id, text, attachments: {media_keys}})
                    media: dict | None = None,  # media_key -> media object ({media_key, type, url})
                    protected: Iterable = (),  # ids answered with an Authorization Error (others unknown: Not Found)
@@ -1061,7 +1028,7 @@ def x_lookup_route(tweets: dict,  # id -> v2 tweet object ({id, text, attachment
                    reset: float = 0.0,  # the window's x-rate-limit-reset (epoch seconds)
                    script: list | None = None,  # (status, headers, body) replies sent first, in order
                   ) -> Callable:
-    "A `StubServer` route that answers like the X API v2 `GET /2/tweets` lookup."
+    "A `FaultyServer` route that answers like the X API v2 `GET /2/tweets` lookup."
     media, protected, script, n = media or {}, set(protected), list(script or []), [0]
     def route(path, query, headers):
         if script: return script.pop(0)
@@ -1077,7 +1044,7 @@ def x_lookup_route(tweets: dict,  # id -> v2 tweet object ({id, text, attachment
         return 200, {"x-rate-limit-limit": limit, "x-rate-limit-remaining": max(0, limit - n[0]), "x-rate-limit-reset": int(reset)}, body
     return route
 
-# %% ../nbs/04_download.ipynb 68
+# %% ../nbs/04_download.ipynb 66
 STATE_FILE, REPORT_FILE, OPENPATH_CSV = "hydrate_state.jsonl", "hydrate_report.json", "tweets.csv"
 _PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp")
 
@@ -1116,7 +1083,7 @@ def photo_name(tid: str, n: int, url: str) -> str:
 def _sized(url: str, size: str | None) -> str:
     return url if not size else f"{url}{'&' if '?' in url else '?'}name={size}"
 
-# %% ../nbs/04_download.ipynb 71
+# %% ../nbs/04_download.ipynb 69
 def _lookup_pending(todo, state_path, token, base_url, batch_size, max_batches, policy) -> tuple[list, int]:
     "Look up `todo` in batches, appending each answered batch to the state file; (new batch lines, requests)."
     if not todo or max_batches == 0: return [], 0
@@ -1206,7 +1173,7 @@ def hydrate_openpath(ids_file,  # OpenPath tweet ids: one per line, or a csv/tsv
                       f"{count['no_photo']} without a photo, {count['images_failed']} with no downloadable photo, {count['pending']} pending")
     return report
 
-# %% ../nbs/04_download.ipynb 77
+# %% ../nbs/04_download.ipynb 75
 LLAVA_MED_IMAGE_URLS = "https://hanoverprod.z21.web.core.windows.net/med_llava/llava_med_image_urls.jsonl"
 PERMANENT_PMC_FAILURES = {"package_not_found", "corrupt_archive", "member_not_in_tar", "member_not_a_file", "member_too_large", "unsafe_member"}
 
@@ -1248,7 +1215,7 @@ def plan_pmc_fetch(urls_file,  # llava_med_image_urls.jsonl: rows of pair_id, pm
         missing[name] = {"reason": "not_in_url_list", "detail": f"no row of {path.name} has pair_id {Path(name).stem!r}", "url": ""}
     return groups, missing
 
-# %% ../nbs/04_download.ipynb 80
+# %% ../nbs/04_download.ipynb 78
 def _mirrored(url: str, mirror: str | None) -> str:
     if not mirror: return url
     u = urllib.parse.urlsplit(url)
@@ -1303,7 +1270,7 @@ def _fetch_package(url, items, image_dir, work, mirror, policy) -> tuple[int, di
     try: return extract_figures(pkg, items, image_dir, url)
     finally: pkg.unlink(missing_ok=True)
 
-# %% ../nbs/04_download.ipynb 83
+# %% ../nbs/04_download.ipynb 81
 def fetch_pmc_images(urls_file,  # llava_med_image_urls.jsonl (pair_id, pmc_tar_url, image_file_path per row)
                      image_dir,  # images are written here as <pair_id>.jpg
                      needed: Iterable[str] | None = None,  # image names to fetch (see `needed_images`); None: every row
@@ -1345,7 +1312,7 @@ def fetch_pmc_images(urls_file,  # llava_med_image_urls.jsonl (pair_id, pmc_tar_
     get_logger().info(f"LLaVA-Med images: {extracted} extracted, {present} already present, {len(missing)} missing {by_reason or ''}")
     return report
 
-# %% ../nbs/04_download.ipynb 87
+# %% ../nbs/04_download.ipynb 85
 def hydrate_step(entry: DatasetEntry,  # the `openpath` entry
                  root,  # download root
                  opts: FetchOptions,  # x_token and x_api are read from here
