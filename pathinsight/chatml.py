@@ -15,11 +15,12 @@ from .core import (Record, Rejection, PathinsightError, rng_for, atomic_write, l
 from .images import is_container_ref, resolve_ref
 
 # %% auto 0
-__all__ = ['DEFAULT_POOLS', 'TURNS_OF_TASK', 'FORMATS', 'PATH_MODES', 'INDEX_WRITERS', 'load_pools', 'strip_image_tokens',
-           'to_turns', 'to_conversation', 'render_chatml', 'parse_chatml', 'ExportFormat', 'get_format', 'path_mode',
-           'render_row', 'parse_row', 'check_conversation', 'path_bytes', 'check_path', 'export_path',
-           'sharegpt_dataset_info', 'write_dataset_info', 'data_txt_count', 'write_data_txt', 'ExportWarning',
-           'ExportResult', 'export_conversations', 'export_records', 'detect_format', 'read_export', 'export_cmd']
+__all__ = ['DEFAULT_POOLS', 'MULTIPLE_CHOICE', 'TURNS_OF_TASK', 'FORMATS', 'PATH_MODES', 'INDEX_WRITERS', 'load_pools',
+           'strip_image_tokens', 'to_turns', 'to_conversation', 'render_chatml', 'parse_chatml', 'ExportFormat',
+           'get_format', 'path_mode', 'render_row', 'parse_row', 'check_conversation', 'path_bytes', 'check_path',
+           'export_path', 'sharegpt_dataset_info', 'write_dataset_info', 'data_txt_count', 'write_data_txt',
+           'ExportWarning', 'ExportResult', 'export_conversations', 'export_records', 'detect_format', 'read_export',
+           'export_cmd']
 
 # %% ../nbs/09_chatml.ipynb 6
 DEFAULT_POOLS = {
@@ -98,8 +99,14 @@ def _vqa_turns(r: Record, pick) -> list[dict]:
     query = pick("vqa_closed" if _closed(r) else "vqa_open").format(question=strip_image_tokens(r.question))
     return [{"role": "user", "content": query}, {"role": "assistant", "content": r.answer}]
 
+MULTIPLE_CHOICE = "{question}\n{options}\nAnswer with the option's letter from the given choices directly."  # MMMU / PathMMU style
+
 def _classify_turns(r: Record, pick) -> list[dict]:
     answer = r.label_answer()  # the record's options say what its label means
+    if r.question:  # a multiple-choice item (PathMMU): its own question, the options lettered, the answer `A. text`
+        lines = "\n".join(f"{o['label']}. {o['answer']}" for o in r.options)
+        return [{"role": "user", "content": MULTIPLE_CHOICE.format(question=strip_image_tokens(r.question), options=lines)},
+                {"role": "assistant", "content": f"{r.label}. {answer}"}]
     if label_set_name(r.options) == "pcam": query = pick("pcam")  # a yes/no question, not a list of options
     else: query = pick("classify").format(options=", ".join(dict.fromkeys(option_answers(r.options).values())))
     return [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]

@@ -6,9 +6,10 @@
 from __future__ import annotations
 import csv, io, json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
-from .core import (CRC_CLASSES, PathinsightError, Record, atomic_write, label_set_name, option_answers,
+from .core import (CRC_CLASSES, PathinsightError, Record, atomic_write, bytes_sha256, label_set_name, option_answers,
                               read_dataset, read_jsonl, write_json, write_jsonl)
 from . import metrics as M
 
@@ -16,7 +17,7 @@ from . import metrics as M
 __all__ = ['SCORERS', 'TABLE_COLUMNS', 'TABLE_NOTE', 'PROCESSOR_FILES', 'read_predictions', 'task_kind', 'reference_text',
            'prompt_text', 'score_records', 'score_run', 'score_cmd', 'format_run', 'table_columns', 'read_run',
            'results_table', 'table_markdown', 'table_csv', 'table_latex', 'table_notes', 'table_cmd', 'check_model_dir',
-           'training_seed', 'eval_cmd']
+           'training_seed', 'eval_cmd', 'ImagePrint', 'image_print', 'item_text', 'contamination_audit']
 
 # %% ../nbs/16_evaluate.ipynb 10
 def _some(ids, k=5): ids = sorted(ids); return f"{ids[:k]}{' ...' if len(ids) > k else ''} ({len(ids)} in all)"
@@ -326,3 +327,89 @@ def eval_cmd(*, model: str,  # saved model or LoRA adapter directory (with its p
     res = score_run(out/"predictions.jsonl", data, out, name=name, split=split, model=model, records=recs)
     print(format_run(res))
     return res
+
+# %% ../nbs/16_evaluate.ipynb 41
+@dataclass
+class ImagePrint:
+    "How an image is recognised: the SHA-256 of its RGB pixels, its dHash and its pixel std."
+    sha: str  # SHA-256 of the decoded RGB pixels and their shape
+    dhash: int  # 64-bit difference hash (`pathinsight.clean.dhash`)
+    std: float  # pixel standard deviation (featureless images match only exactly)
+
+def image_print(ref,  # image reference
+                root=None,  # folder relative paths are relative to
+               ) -> ImagePrint | None:
+    "The fingerprint of image `ref`, or None when it cannot be read."
+    import numpy as np
+    from pathinsight.images import ImageError, open_image, to_rgb
+    from pathinsight.clean import dhash
+    try: img = to_rgb(open_image(ref, root))
+    except (ImageError, OSError): return None
+    a = np.asarray(img)
+    return ImagePrint(bytes_sha256(a.tobytes() + str(a.shape).encode()), dhash(img), float(a.std()))
+
+def item_text(r: Record) -> list[str]:
+    "The word tokens of what a record says about its image: question and answer, caption, or its turns."
+    if r.task == "caption": return M.tokenize(r.caption)
+    if r.task == "conversation": return M.tokenize(" ".join(t["content"] for t in r.turns))
+    if r.task == "vqa" or r.question: return M.tokenize(f"{r.question} {r.answer or (r.label_answer() if r.options else '')}")
+    return []
+
+def _grams(words: list[str], n: int) -> set:
+    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+# %% ../nbs/16_evaluate.ipynb 42
+def _prints(records: Sequence[Record], root, desc: str) -> dict:
+    "ref -> ImagePrint of every distinct image of `records` (unreadable ones left out)."
+    from pathinsight.core import progress
+    from pathinsight.images import close_images
+    refs = list(dict.fromkeys(r.image for r in records if r.image))
+    out = {ref: p for ref in progress(refs, desc) if (p := image_print(ref, root)) is not None}
+    close_images()
+    return out
+
+def contamination_audit(train: Sequence[Record],  # records of the training build
+                        bench: Sequence[Record],  # a benchmark's items
+                        train_root=None,  # folder the training images are relative to
+                        bench_root=None,  # folder the benchmark images are relative to
+                        near_bits: int = 4,  # max dHash Hamming distance of a near duplicate (-1: off)
+                        min_std: float = 5.0,  # images with a smaller pixel std match only exactly
+                        text_n: int = 8,  # shared run of this many words counts as text overlap (0: exact text only)
+                        examples: int = 5,  # examples kept per kind
+                       ) -> dict:
+    "Benchmark items whose image (exactly or nearly) or text also appears in the training records: counts, ids, examples."
+    from pathinsight.clean import near_pairs
+    tp, bp = _prints(train, train_root, "fingerprint training images"), _prints(bench, bench_root, "fingerprint benchmark images")
+    by_sha = {}
+    for r in train:
+        if r.image in tp: by_sha.setdefault(tp[r.image].sha, r.id)
+    hits = {"exact_image": {}, "near_image": {}, "text": {}}
+    for r in bench:
+        p = bp.get(r.image)
+        if p is not None and p.sha in by_sha: hits["exact_image"][r.id] = by_sha[p.sha]
+    if near_bits >= 0:
+        trefs = [ref for ref, p in tp.items() if p.std >= min_std]
+        brefs = [ref for ref, p in bp.items() if p.std >= min_std]
+        first_id = {}
+        for r in train: first_id.setdefault(r.image, r.id)
+        near = {}
+        for i, j in near_pairs([tp[x].dhash for x in trefs] + [bp[x].dhash for x in brefs], near_bits):
+            if i < len(trefs) <= j: near.setdefault(brefs[j - len(trefs)], first_id[trefs[i]])
+        for r in bench:
+            if r.image in near and r.id not in hits["exact_image"]: hits["near_image"][r.id] = near[r.image]
+    texts, grams = {}, {}
+    for r in train:
+        w = item_text(r)
+        if w: texts.setdefault(" ".join(w), r.id)
+        if text_n:
+            for g in _grams(w, text_n): grams.setdefault(g, r.id)
+    for r in bench:
+        w = item_text(r)
+        if not w: continue
+        m = texts.get(" ".join(w))
+        if m is None and text_n: m = next((grams[g] for g in _grams(w, text_n) if g in grams), None)
+        if m: hits["text"][r.id] = m
+    flagged = sorted(set().union(*hits.values()))
+    return {"n_bench": len(bench), "n_train": len(train), **{k: len(v) for k, v in hits.items()}, "contaminated": len(flagged),
+            "ids": flagged, "examples": {k: [{"bench": b, "train": t} for b, t in sorted(v.items())[:examples]] for k, v in hits.items()},
+            "settings": {"near_bits": near_bits, "min_std": min_std, "text_n": text_n}}

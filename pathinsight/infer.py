@@ -167,7 +167,7 @@ def done_ids(path) -> set:
 def predict(model, processor, examples: list[dict], out_jsonl,  # model, processor, examples {id, image, turns}, output file
             batch_size: int = 8,  # examples generated together
             max_new_tokens: int = 32,  # longest answer in tokens
-            options: list[str] | None = None,  # candidate answers: also write the likelihood-ranked `choice`
+            options: list[str] | None = None,  # candidate answers: also write the likelihood-ranked `choice` (an example's own `options` win)
             image_root=None, resume: bool = True,  # base of relative image paths; skip ids already in `out_jsonl`
             show_progress: bool | None = None) -> Path:  # progress bar (None: unless PATHINSIGHT_QUIET)
     "Write greedy predictions for `examples` to `out_jsonl` (one row per id), resuming a previous run."
@@ -184,7 +184,8 @@ def predict(model, processor, examples: list[dict], out_jsonl,  # model, process
             for e, p in zip(b, preds):
                 turns, ref = split_prompt(e["turns"], f"example {e['id']!r}")
                 row = {"id": e["id"], "prediction": p, "answer": ref, "prompt": turns[-1]["content"]}
-                if options: row["choice"] = rank_options(model, processor, e, options, image_root=image_root)
+                opts = e.get("options") or options
+                if opts: row["choice"] = rank_options(model, processor, e, opts, image_root=image_root)
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
     return out
