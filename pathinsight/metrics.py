@@ -4,17 +4,23 @@
 
 # %% ../nbs/15_metrics.ipynb 4
 from __future__ import annotations
-import math, re
+import math, random, re
 from collections import Counter
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 import numpy as np
-from .core import PathinsightError
+from .core import PathinsightError, option_answers
 
 # %% auto 0
-__all__ = ['UNPARSED', 'CRC_SYNONYMS', 'YES_WORDS', 'NO_WORDS', 'PCAM_SYNONYMS', 'tokenize', 'find_labels', 'parse_label',
-           'parse_yes_no', 'first_yes_no', 'confusion_matrix', 'classification_metrics', 'lcs_length', 'caption_scores',
-           'caption_metrics', 'normalize_answer', 'exact_match_accuracy', 'closed_correct', 'token_prf', 'is_closed',
-           'vqa_metrics', 'llava_med_closed_accuracy']
+__all__ = ['UNPARSED', 'CRC_SYNONYMS', 'YES_WORDS', 'NO_WORDS', 'PCAM_SYNONYMS', 'KINDS', 'PROTOCOLS', 'BASELINES', 'tokenize',
+           'find_labels', 'parse_label', 'parse_yes_no', 'first_yes_no', 'confusion_matrix', 'classification_metrics',
+           'lcs_length', 'caption_scores', 'caption_metrics', 'normalize_answer', 'exact_match_accuracy',
+           'llava_normalize', 'pvqa_words', 'closed_correct', 'token_prf', 'is_closed', 'vqa_metrics',
+           'llava_closed_hit', 'llava_med_closed_accuracy', 'option_map', 'as_items', 'parse_choice',
+           'score_ours_closed', 'score_ours_open', 'score_ours_choice', 'overlap_scores', 'score_llava_med_closed',
+           'score_llava_med_open', 'quilt_truncate', 'quilt_closed_answer', 'score_quilt_closed', 'score_quilt_open',
+           'pvqa_bleu', 'score_pvqa_challenge', 'pathmmu_choice', 'score_pathmmu', 'Protocol', 'score_protocols',
+           'baseline_answers', 'bias_audit']
 
 # %% ../nbs/15_metrics.ipynb 7
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
@@ -194,6 +200,25 @@ def exact_match_accuracy(preds: Sequence[str | None],  # generated answers (or r
     return sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(preds, refs)) / len(refs)
 
 # %% ../nbs/15_metrics.ipynb 37
+_LM_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_LM_NUMBERS = {w: str(i) for i, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"))} | {"none": "0"}
+_LM_PERIOD, _DIGIT_COMMA = re.compile(r"\.(?!\d)"), re.compile(r"\d,\d")
+
+def llava_normalize(text: str | None) -> str:
+    "LLaVA-Med's and Quilt-LLaVA's `normalize_word` (without the contraction table), on the lowercased text."
+    s = (text or "").lower()
+    glue_all = _DIGIT_COMMA.search(s) is not None
+    out = s
+    for ch in _LM_PUNCT: out = out.replace(ch, "" if glue_all or ch + " " in s or " " + ch in s else " ")
+    out = _LM_PERIOD.sub("", out, count=32)
+    words = (_LM_NUMBERS.get(w, w) for w in out.split())
+    return " ".join(w for w in words if w not in ("a", "an", "the")).replace(",", "")
+
+def pvqa_words(text: str | None) -> list[str]:
+    "Words as the PathVQA evaluation scripts split them: letters and spaces kept, lowercased."
+    return re.sub(r"[^a-zA-Z ]", "", text or "").lower().split()
+
+# %% ../nbs/15_metrics.ipynb 41
 def closed_correct(pred: str | None, ref: str) -> bool:
     "A closed (yes/no) answer is right iff its first yes/no token equals the reference."
     return first_yes_no(pred) == first_yes_no(ref) is not None
@@ -225,12 +250,314 @@ def vqa_metrics(preds: Sequence[str | None], refs: Sequence[str], answer_types: 
             "n_open": len(opened), "open_recall": math.fsum(x[1] for x in prf) / len(prf) if prf else None,
             "open_f1": math.fsum(x[2] for x in prf) / len(prf) if prf else None}
 
+def llava_closed_hit(pred: str | None, ref: str) -> int | None:
+    "LLaVA-Med's closed rule on one answer: 1 (hit), 0 (no 'yes'/'no' substring) or None (a wrong yes/no: dropped)."
+    p, g = llava_normalize(pred), llava_normalize(ref)
+    if "yes" in p or "no" in p: return 1 if g in p else None
+    return 0
+
 def llava_med_closed_accuracy(preds: Sequence[str], refs: Sequence[str]) -> float | None:
     "LLaVA-Med's closed-VQA rule (for comparison only): substring match, wrong yes/no answers skipped."
-    hits = []
-    for p, g in zip(preds, refs):
-        p, g = (p or "").lower(), g.lower()
-        if "yes" in p or "no" in p:
-            if g in p: hits.append(1)
-        else: hits.append(0)
+    hits = [h for h in map(llava_closed_hit, preds, refs) if h is not None]
     return sum(hits) / len(hits) if hits else None
+
+# %% ../nbs/15_metrics.ipynb 47
+KINDS = ("closed", "open", "choice")
+
+def option_map(options) -> dict:
+    "Options as {letter: text}, from a dict or from a record's [{label, answer}] list."
+    if isinstance(options, dict): return {str(k): str(v) for k, v in options.items()}
+    return option_answers(list(options or []))
+
+def as_items(items: Sequence[dict] | None = None,  # per-item dicts with pred, ref, options, gold, anchor
+             preds: Sequence[str | None] | None = None,  # or parallel lists: the model's answers
+             refs: Sequence[str] | None = None,  # reference answers
+             options: Sequence | None = None,  # per-item options, {letter: text} or [{label, answer}]
+             golds: Sequence[str] | None = None,  # per-item right letters (multiple choice)
+             anchors: Sequence[str | None] | None = None,  # per-item anchor answers (Quilt-LLaVA truncation)
+            ) -> list[dict]:
+    "Items as dicts with keys pred, ref, options ({letter: text}), gold and anchor (None where absent)."
+    cols = {"pred": preds, "ref": refs, "options": options, "gold": golds, "anchor": anchors}
+    given = {k: len(v) for k, v in cols.items() if v is not None}
+    if items is not None and given: raise PathinsightError("give either items or parallel lists, not both")
+    if items is None:
+        if preds is None: raise PathinsightError("give items, or parallel lists that include preds")
+        if len(set(given.values())) > 1: raise PathinsightError(f"parallel lists differ in length: {given}")
+        items = [{k: (v[i] if v is not None else None) for k, v in cols.items()} for i in range(len(preds))]
+    out = []
+    for i, it in enumerate(items):
+        if "pred" not in it: raise PathinsightError(f"item {i} has no 'pred' (keys: {sorted(it)})")
+        opts = it.get("options")
+        out.append({"pred": it["pred"], "ref": it.get("ref"), "options": option_map(opts) if opts is not None else None,
+                    "gold": it.get("gold"), "anchor": it.get("anchor")})
+    return out
+
+def _mean(xs) -> float | None: return math.fsum(xs) / len(xs) if len(xs) else None
+
+def _closed_refs(items: list[dict]) -> list[str]:
+    "The yes/no references of closed items (an error for any other reference)."
+    bad = [it["ref"] for it in items if tokenize(it["ref"]) not in (["yes"], ["no"])]
+    if bad: raise PathinsightError(f"closed references must be yes or no, got {bad[:3]}")
+    return [tokenize(it["ref"])[0] for it in items]
+
+def _check_choice(items: list[dict]):
+    for i, it in enumerate(items):
+        if not it["options"] or it["gold"] not in it["options"]:
+            raise PathinsightError(f"choice item {i}: gold {it['gold']!r} is not one of the options {list(it['options'] or {})}")
+
+# %% ../nbs/15_metrics.ipynb 51
+_LETTER_LABEL = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])(?:[.:)]|\s*$))")
+_LETTER_CUE = re.compile(r"(?i:\b(?:option|answer|choice))\s*(?:is\s*)?[:\-]?\s*\(?([A-Z])\b")
+
+def _contains(hay: Sequence[str], needle: Sequence[str]) -> bool:
+    k = len(needle)
+    return k > 0 and any(list(hay[i:i + k]) == list(needle) for i in range(len(hay) - k + 1))
+
+def parse_choice(text: str | None,  # the model's answer
+                 options,  # {letter: text} or [{label, answer}]
+                ) -> str | None:
+    "The option letter an answer gives (by letter, else by option text), or None (unparsed)."
+    opts, text = option_map(options), text or ""
+    toks = tokenize(text)
+    if len(toks) == 1 and toks[0].upper() in opts: return toks[0].upper()
+    m = _LETTER_LABEL.match(text)
+    letters = {g for g in (m.groups() if m else ()) if g} | set(_LETTER_CUE.findall(text))
+    letters &= set(opts)
+    if letters: return letters.pop() if len(letters) == 1 else None
+    words = {l: tokenize(t) for l, t in opts.items()}
+    hits = [l for l, w in words.items() if _contains(toks, w)]
+    hits = [l for l in hits if not any(o != l and words[o] != words[l] and _contains(words[o], words[l]) for o in hits)]
+    return hits[0] if len(hits) == 1 else None
+
+def score_ours_closed(items: list[dict]) -> dict:
+    "Closed accuracy by the first yes/no word over all items, with the unparsed rate."
+    refs = _closed_refs(items)
+    got = [first_yes_no(it["pred"]) for it in items]
+    n = len(items)
+    return {"accuracy": _mean([g == r for g, r in zip(got, refs)]), "unparsed_rate": _mean([g is None for g in got]), "n": n, "n_counted": n}
+
+def score_ours_open(items: list[dict]) -> dict:
+    "Mean token recall and token F1 (clipped overlap of `tokenize` words)."
+    prf = [token_prf(it["pred"], it["ref"]) for it in items]
+    return {"recall": _mean([x[1] for x in prf]), "f1": _mean([x[2] for x in prf]), "n": len(items), "n_counted": len(items)}
+
+def score_ours_choice(items: list[dict]) -> dict:
+    "Multiple-choice accuracy by `parse_choice` over all items (unparsed = wrong), with the unparsed rate."
+    _check_choice(items)
+    got = [parse_choice(it["pred"], it["options"]) for it in items]
+    return {"accuracy": _mean([g == it["gold"] for g, it in zip(got, items)]), "unparsed_rate": _mean([g is None for g in got]),
+            "n": len(items), "n_counted": len(items)}
+
+# %% ../nbs/15_metrics.ipynb 55
+def overlap_scores(cand: Sequence[str],  # prediction words
+                   ref: Sequence[str],  # reference words
+                  ) -> dict:
+    "The peers' word-overlap 'exact match', precision, recall and F1 of two word lists (their definitions)."
+    cc, rc = Counter(cand), Counter(ref)
+    total = sum(cc.values())
+    em = sum(1 for w in rc if w in cc) / total if total else 0.0
+    tp = sum(v for w, v in cc.items() if w in rc)
+    fn = sum(v for w, v in rc.items() if w not in cc)
+    if not cc or not rc or tp == 0: return {"exact_match": em, "precision": 0.0, "recall": 0.0, "f1": 0.0}
+    p, r = tp / total, tp / (tp + fn)
+    return {"exact_match": em, "precision": p, "recall": r, "f1": 2 * p * r / (p + r)}
+
+def _lm_words(text: str | None) -> list[str]: return llava_normalize(llava_normalize(text)).split()
+
+def score_llava_med_closed(items: list[dict]) -> dict:
+    "LLaVA-Med's closed accuracy: substring hits over answers not dropped (a wrong yes/no answer is dropped)."
+    _closed_refs(items)
+    hits = [llava_closed_hit(it["pred"], it["ref"]) for it in items]
+    kept = [h for h in hits if h is not None]
+    return {"accuracy": _mean(kept), "n": len(items), "n_counted": len(kept), "n_dropped": len(items) - len(kept)}
+
+def _mean_overlap(pairs, keys=("recall", "precision", "f1", "exact_match")) -> dict:
+    s = [overlap_scores(c, r) for c, r in pairs]
+    return {k: _mean([x[k] for x in s]) for k in keys}
+
+def score_llava_med_open(items: list[dict]) -> dict:
+    "LLaVA-Med's open-question recall (and precision, F1, word-overlap 'exact match') on normalised words."
+    return {**_mean_overlap([(_lm_words(it["pred"]), _lm_words(it["ref"])) for it in items]), "n": len(items), "n_counted": len(items)}
+
+# %% ../nbs/15_metrics.ipynb 59
+def quilt_truncate(pred: str | None,  # the model's answer
+                   anchor: str | None = None,  # the anchor model's answer to the same question (None: no cut)
+                  ) -> str:
+    "Quilt-LLaVA's scored prediction: normalised, then cut to the character length of the normalised anchor."
+    p = llava_normalize(pred)
+    return p if anchor is None else p[:len(llava_normalize(anchor))]
+
+def quilt_closed_answer(scored: str) -> str:
+    "Quilt-LLaVA's reading of a (normalised, truncated) closed answer: 'no' if the word no or not occurs, else 'yes'."
+    return "no" if {"no", "not"} & set(scored.replace(",", "").split(" ")) else "yes"
+
+def _quilt_scored(items: list[dict]) -> tuple[list[str], int]:
+    ps = [quilt_truncate(it["pred"], it["anchor"]) for it in items]
+    return ps, sum(len(p) < len(llava_normalize(it["pred"])) for p, it in zip(ps, items))
+
+def score_quilt_closed(items: list[dict]) -> dict:
+    "Quilt-LLaVA's closed accuracy: truncated answer read as 'no' (word no/not) or else 'yes'; all items counted."
+    refs = _closed_refs(items)
+    ps, cut = _quilt_scored(items)
+    word = [r in p.split() if {"yes", "no"} & set(p.split()) else False for p, r in zip(ps, refs)]
+    return {"accuracy": _mean([quilt_closed_answer(p) == r for p, r in zip(ps, refs)]), "accuracy_word_match": _mean(word),
+            "n_truncated": cut, "n": len(items), "n_counted": len(items)}
+
+def score_quilt_open(items: list[dict]) -> dict:
+    "Quilt-LLaVA's open recall (and precision, F1, word-overlap 'exact match') on the truncated prediction."
+    ps, cut = _quilt_scored(items)
+    return {**_mean_overlap([(llava_normalize(p).split(), _lm_words(it["ref"])) for p, it in zip(ps, items)]),
+            "n_truncated": cut, "n": len(items), "n_counted": len(items)}
+
+# %% ../nbs/15_metrics.ipynb 61
+def pvqa_bleu(pred: str | None,  # the model's answer
+              ref: str | None,  # the reference answer
+              n: int = 1,  # the largest n-gram order
+             ) -> float:
+    "BLEU-n as the PathVQA scripts compute it: character-length brevity penalty, zero precisions skipped."
+    cand, rw = pvqa_words(pred), pvqa_words(ref)
+    if n < 1 or len(cand) < n: return 0.0
+    c, r = len(pred), len(ref or "")
+    logp = 0.0
+    for k in range(1, n + 1):
+        cg = Counter(zip(*(cand[i:] for i in range(k))))
+        rg = Counter(zip(*(rw[i:] for i in range(k))))
+        p = sum(min(v, rg[g]) for g, v in cg.items()) / sum(cg.values())
+        if p > 0: logp += math.log(p) / n
+    return (1.0 if c > r else math.exp(1 - r / c)) * math.exp(logp)
+
+def score_pvqa_challenge(items: list[dict]) -> dict:
+    "The PathVQA challenge's word-overlap 'exact match', F1 and BLEU-1/2/3, averaged over items."
+    s = [overlap_scores(pvqa_words(it["pred"]), pvqa_words(it["ref"])) for it in items]
+    out = {"exact_match": _mean([x["exact_match"] for x in s]), "f1": _mean([x["f1"] for x in s])}
+    for k in (1, 2, 3): out[f"bleu{k}"] = _mean([pvqa_bleu(it["pred"], it["ref"], k) for it in items])
+    return {**out, "n_empty": sum(not pvqa_words(it["pred"]) for it in items), "n": len(items), "n_counted": len(items)}
+
+# %% ../nbs/15_metrics.ipynb 63
+def pathmmu_choice(response: str | None,  # the model's answer
+                   options,  # {letter: text} or [{label, answer}]
+                   rng: random.Random,  # draws the letter when nothing parses
+                  ) -> tuple[str, bool]:
+    "PathMMU's (MMMU's) option letter for a response, and whether it was drawn at random."
+    opts = option_map(options)
+    r = response or ""
+    for ch in ",.!?;:'": r = r.strip(ch)
+    r, letters = f" {r} ", list(opts)
+    cands = [l for l in letters if f"({l})" in r]
+    form = "bracket" if cands else "letter"
+    if not cands: cands = [l for l in letters if f" {l} " in r]
+    if not cands and len(r.split()) > 5:
+        cands, form = [l for l in letters if opts[l].lower() in r.lower()], "text"
+    if not cands: return rng.choice(letters), True
+    if len(cands) == 1: return cands[0], False
+    pos = {"bracket": lambda l: r.rfind(f"({l})"), "letter": lambda l: r.rfind(f" {l} "), "text": lambda l: r.lower().rfind(opts[l].lower())}[form]
+    return cands[int(np.argmax([pos(l) for l in cands]))], False
+
+def score_pathmmu(items: list[dict], seed: int = 42) -> dict:
+    "PathMMU's multiple-choice accuracy: MMMU-style letter parsing, a seeded random letter when nothing parses."
+    _check_choice(items)
+    rng, hits, rand = random.Random(seed), [], 0
+    for it in items:
+        l, drawn = pathmmu_choice(it["pred"], it["options"], rng)
+        rand += drawn
+        gold = it["options"][it["gold"]]
+        hits.append(it["options"][l].lower() == gold.lower() or it["pred"] == gold)
+    return {"accuracy": _mean(hits), "random_rate": rand / len(items) if items else None, "n": len(items), "n_counted": len(items)}
+
+# %% ../nbs/15_metrics.ipynb 65
+@dataclass(frozen=True)
+class Protocol:
+    "One published way of scoring answers: its scorer, kind, rule and source."
+    name: str  # key in PROTOCOLS
+    kind: str  # closed | open | choice
+    fn: Callable  # list of item dicts -> dict of named scores with n and n_counted
+    formula: str  # the rule, stated
+    source: str  # the repository and file it follows
+    headline: str  # the score the source reports
+
+    def __call__(self, items: Sequence[dict] | None = None, **lists) -> dict:
+        "Score items (dicts, or parallel lists as in `as_items`)."
+        return self.fn(as_items(items, **lists))
+
+PROTOCOLS = {p.name: p for p in [
+    Protocol("ours-closed", "closed", score_ours_closed, "accuracy = #(first yes/no word == ref) / N; no yes/no word = wrong, counted",
+             "pathinsight.metrics.closed_correct", "accuracy"),
+    Protocol("ours-open", "open", score_ours_open, "mean token recall m/|ref| and token F1 (clipped overlap, rouge-score tokens)",
+             "pathinsight.metrics.token_prf", "recall"),
+    Protocol("ours-choice", "choice", score_ours_choice, "accuracy = #(parse_choice == gold) / N; unparsed = wrong, counted",
+             "pathinsight.metrics.parse_choice", "accuracy"),
+    Protocol("llava-med-closed", "closed", score_llava_med_closed,
+             "if 'yes' in pred or 'no' in pred (substrings): hit iff ref in pred, else dropped; neither: miss; accuracy = hits / counted",
+             "microsoft/LLaVA-Med llava/eval/run_eval.py (evaluate)", "accuracy"),
+    Protocol("llava-med-open", "open", score_llava_med_open, "mean recall tp/(tp+fn), tp = prediction counts of reference words, normalised words",
+             "microsoft/LLaVA-Med llava/eval/run_eval.py, llava/eval/eval_metrics/evaluate_metrics.py (calculate_f1score)", "recall"),
+    Protocol("quilt-llava-closed", "closed", score_quilt_closed,
+             "pred cut to len(anchor answer) chars; 'no' if word no/not, else 'yes'; accuracy over all",
+             "aldraus/quilt-llava llava/eval/quilt_eval.py (evaluate)", "accuracy"),
+    Protocol("quilt-llava-open", "open", score_quilt_open, "pred cut to len(anchor answer) chars; mean recall tp/(tp+fn) on normalised words",
+             "aldraus/quilt-llava llava/eval/quilt_eval.py, llava/eval/quilt_utils.py", "recall"),
+    Protocol("pvqa-challenge", "open", score_pvqa_challenge,
+             "exact match = #distinct ref words in pred / #pred words; F1 (tp from pred counts); BLEU-n with char-length BP, zero precisions skipped",
+             "UCSD-AI4H/PathVQA Evaluation script/evaluation_script.py, baseline/evaluate/version1/utils.py", "exact_match"),
+    Protocol("pathmmu", "choice", score_pathmmu, "MMMU letter parse ((B), ' B ', option text if >5 words); none: random letter (seed 42); accuracy over all",
+             "PathMMU-Benchmark/PathMMU eval/utils/eval_utils.py (get_multi_choice_prediction), eval/main.py", "accuracy"),
+]}
+
+def score_protocols(items: Sequence[dict],  # items (see `as_items`)
+                    kind: str,  # closed | open | choice
+                    names: Sequence[str] | None = None,  # protocols to run (default: all of that kind)
+                   ) -> dict:
+    "Scores of the same items under every protocol of one kind: {protocol name: scores}."
+    if kind not in KINDS: raise PathinsightError(f"unknown kind {kind!r} (expected one of {KINDS})")
+    names = list(names) if names is not None else [n for n, p in PROTOCOLS.items() if p.kind == kind]
+    bad = [n for n in names if n not in PROTOCOLS or PROTOCOLS[n].kind != kind]
+    if bad: raise PathinsightError(f"not {kind} protocols: {bad} (known: {[n for n, p in PROTOCOLS.items() if p.kind == kind]})")
+    items = as_items(items)
+    return {n: PROTOCOLS[n].fn(items) for n in names}
+
+# %% ../nbs/15_metrics.ipynb 69
+BASELINES = ("always-yes", "always-no", "always-normal", "majority", "random-option")
+
+def baseline_answers(kind_name: str,  # one of BASELINES
+                     refs: Sequence[str],  # reference answers (gold letters for multiple choice)
+                     options: Sequence | None = None,  # per-item options, for random-option
+                     seed: int = 0,  # seeds random-option
+                    ) -> list[str]:
+    "The answers a trivial answerer gives to each question."
+    n = len(refs)
+    fixed = {"always-yes": "Yes.", "always-no": "No.", "always-normal": "Normal tissue."}
+    if kind_name in fixed: return [fixed[kind_name]] * n
+    if kind_name == "majority": return [Counter(normalize_answer(r) for r in refs).most_common(1)[0][0]] * n if n else []
+    if kind_name == "random-option":
+        rng = random.Random(seed)
+        if options is None:
+            pool = sorted(set(refs))
+            return [rng.choice(pool) for _ in refs]
+        if len(options) != n: raise PathinsightError(f"{n} references but {len(options)} option sets")
+        return [rng.choice(list(option_map(o))) for o in options]
+    raise PathinsightError(f"unknown baseline {kind_name!r} (expected one of {BASELINES})")
+
+def _unparsed(it: dict, kind: str) -> bool:
+    if kind == "closed": return first_yes_no(it["pred"]) is None
+    if kind == "choice": return parse_choice(it["pred"], it["options"]) is None
+    return not tokenize(it["pred"])
+
+def bias_audit(items: Sequence[dict],  # items (see `as_items`)
+               kind: str,  # closed | open | choice
+               names: Sequence[str] | None = None,  # protocols (default: all of that kind)
+               seed: int = 0,  # seeds the random-option baseline
+              ) -> dict:
+    "Unparsed rate, yes/no priors of answers and references, and every baseline's scores under every protocol."
+    items = as_items(items)
+    model = score_protocols(items, kind, names)
+    n = len(items)
+    refs = [it["gold"] if kind == "choice" else it["ref"] for it in items]
+    ref_text = [it["options"][it["gold"]] if kind == "choice" else it["ref"] for it in items]
+    yn = lambda xs, w: _mean([first_yes_no(x) == w for x in xs])
+    base = {}
+    for b in BASELINES:
+        answers = baseline_answers(b, refs, [it["options"] for it in items] if kind == "choice" else None, seed)
+        base[b] = score_protocols([{**it, "pred": a} for it, a in zip(items, answers)], kind, names)
+    return {"n": n, "unparsed_rate": _mean([_unparsed(it, kind) for it in items]),
+            "pred_yes_rate": yn([it["pred"] for it in items], "yes"), "pred_no_rate": yn([it["pred"] for it in items], "no"),
+            "ref_yes_rate": yn(ref_text, "yes"), "ref_no_rate": yn(ref_text, "no"), "model": model, "baselines": base}
