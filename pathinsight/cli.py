@@ -27,6 +27,8 @@ COMMANDS = {  # subcommand: (module:function, one-line help[, parameters taken a
     "export": ("pathinsight.chatml:export_cmd", "export a built dataset as instruction data (llava, qwen-vl, ixc2, sharegpt, messages)"),
     "eval": ("pathinsight.evaluate:eval_cmd", "generate answers with a saved model and score them against a built dataset"),
     "score": ("pathinsight.evaluate:score_cmd", "score a predictions file against reference records"),
+    "benchmark": ("pathinsight.evaluate:benchmark_cmd", "score models on the field's benchmarks under every peer's protocol, with a bias audit"),
+    "contamination": ("pathinsight.evaluate:contamination_cmd", "find a benchmark's test items (images, near duplicates, text) in a training build"),
     "table": ("pathinsight.evaluate:table_cmd", "results table (the paper's Table 2) of scored runs: markdown, CSV, LaTeX"),
     "gallery": ("pathinsight.gallery:gallery_cmd", "figure of images with questions, references and each run's answers"),
     "review": ("pathinsight.gallery:review_cmd", "blinded A/B review sheet (HTML + CSV) of two runs for pathologists"),

@@ -6,18 +6,21 @@
 from __future__ import annotations
 import csv, io, json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 from .core import (CRC_CLASSES, PathinsightError, Record, atomic_write, bytes_sha256, label_set_name, option_answers,
-                              read_dataset, read_jsonl, write_json, write_jsonl)
+                              read_dataset, read_jsonl, rng_for, write_json, write_jsonl)
 from . import metrics as M
 
 # %% auto 0
-__all__ = ['SCORERS', 'TABLE_COLUMNS', 'TABLE_NOTE', 'PROCESSOR_FILES', 'read_predictions', 'task_kind', 'reference_text',
-           'prompt_text', 'score_records', 'score_run', 'score_cmd', 'format_run', 'table_columns', 'read_run',
-           'results_table', 'table_markdown', 'table_csv', 'table_latex', 'table_notes', 'table_cmd', 'check_model_dir',
-           'training_seed', 'eval_cmd', 'ImagePrint', 'image_print', 'item_text', 'contamination_audit']
+__all__ = ['SCORERS', 'TABLE_COLUMNS', 'TABLE_NOTE', 'PROCESSOR_FILES', 'BENCHMARKS', 'SUITES', 'read_predictions', 'task_kind',
+           'reference_text', 'prompt_text', 'score_records', 'score_run', 'score_cmd', 'format_run', 'table_columns',
+           'read_run', 'results_table', 'table_markdown', 'table_csv', 'table_latex', 'table_notes', 'table_cmd',
+           'check_model_dir', 'training_seed', 'eval_cmd', 'ImagePrint', 'image_print', 'item_text',
+           'contamination_audit', 'Benchmark', 'benchmark_names', 'load_benchmark', 'choice_strings', 'benchmark_items',
+           'score_benchmark', 'benchmark_table', 'bias_table', 'run_spec', 'predict_benchmark', 'run_benchmarks',
+           'benchmark_cmd', 'contamination_cmd', 'write_benchmark_fixtures']
 
 # %% ../nbs/16_evaluate.ipynb 10
 def _some(ids, k=5): ids = sorted(ids); return f"{ids[:k]}{' ...' if len(ids) > k else ''} ({len(ids)} in all)"
@@ -413,3 +416,268 @@ def contamination_audit(train: Sequence[Record],  # records of the training buil
     return {"n_bench": len(bench), "n_train": len(train), **{k: len(v) for k, v in hits.items()}, "contaminated": len(flagged),
             "ids": flagged, "examples": {k: [{"bench": b, "train": t} for b, t in sorted(v.items())[:examples]] for k, v in hits.items()},
             "settings": {"near_bits": near_bits, "min_std": min_std, "text_n": text_n}}
+
+# %% ../nbs/16_evaluate.ipynb 46
+@dataclass
+class Benchmark:
+    "One of the field's benchmarks: where `pathinsight download` puts it, how it is read and how it is scored."
+    name: str  # benchmark name
+    dataset: str  # `pathinsight.download` registry name (folder, licence, gate)
+    loader: str  # `pathinsight.sources` loader
+    kind: str  # vqa | choice | crc | pcam
+    options: dict = field(default_factory=dict)  # loader keywords (the official test split)
+    part: str = "main"  # the download entry's path the loader reads
+
+BENCHMARKS = {b.name: b for b in [
+    Benchmark("pathvqa", "pathvqa", "pathvqa", "vqa", {"split": "test"}),
+    Benchmark("pathmmu", "pathmmu", "pathmmu", "choice", {"split": "test"}),
+    Benchmark("quilt-vqa", "quilt-vqa", "quilt_vqa", "vqa"),
+    Benchmark("crc-val-he-7k", "crc-val-he-7k", "crc", "crc"),
+    Benchmark("nct-crc-he-100k", "nct-crc-he-100k", "crc", "crc"),
+    Benchmark("pcam", "pcam-test", "pcam", "pcam", {"split": "test"})]}
+SUITES = {"pathology": list(BENCHMARKS)}  # suite -> benchmarks
+
+def benchmark_names(suite: str | None = "pathology",  # a suite name
+                    only: Sequence[str] | None = None,  # these benchmarks instead
+                   ) -> list[str]:
+    "The benchmarks to run: `only` if given, else the suite's."
+    names = list(only) if only else SUITES.get(suite or "", None)
+    if names is None: raise PathinsightError(f"unknown suite {suite!r} (suites: {', '.join(SUITES)})")
+    bad = [n for n in names if n not in BENCHMARKS]
+    if bad: raise PathinsightError(f"unknown benchmark(s) {bad} (known: {', '.join(BENCHMARKS)})")
+    return names
+
+def load_benchmark(name: str,  # a key of BENCHMARKS
+                   data,  # the folder `pathinsight download` wrote
+                   limit: int = 0,  # a seeded sample of this many items (0: all)
+                   seed: int = 0,  # sampling seed
+                  ) -> tuple[list[Record], list]:
+    "A benchmark's (items, rejections) from the download folder; a missing folder names the download command, licence and gate."
+    from pathinsight.download import REGISTRY, dataset_path
+    from pathinsight.sources import load_source, split_results
+    b = BENCHMARKS[name]
+    path, e = dataset_path(b.dataset, data, b.part), REGISTRY[b.dataset]
+    if not path.exists():
+        raise PathinsightError(f"benchmark {name}: {path} not found: run `pathinsight download {b.dataset} --to {data}` "
+                               f"({e.licence}{'; ' + e.gate if e.gate else ''})")
+    recs, rejs = split_results(load_source(b.loader, path, **b.options))
+    if limit and len(recs) > limit:
+        keep = sorted(rng_for(seed, "benchmark", name).sample(range(len(recs)), limit))
+        recs = [recs[i] for i in keep]
+    return recs, rejs
+
+# %% ../nbs/16_evaluate.ipynb 47
+def choice_strings(r: Record) -> list[str]:
+    "A multiple-choice item's options as the model answers them: `A. text`."
+    return [f"{o['label']}. {o['answer']}" for o in r.options]
+
+def benchmark_items(b: Benchmark,  # the benchmark
+                    recs: Sequence[Record],  # its items
+                    rows: dict,  # prediction rows by id ({prediction, choice?})
+                   ) -> dict:
+    "The items of each scoring kind (closed, open, choice, choice-ranked, crc, pcam) as metric items or (records, predictions)."
+    out = {}
+    add = lambda k, x: out.setdefault(k, []).append(x)
+    for r in recs:
+        row = rows[r.id]
+        if b.kind == "vqa": add("closed" if M.is_closed(r.answer, r.answer_type) else "open", {"pred": row["prediction"], "ref": r.answer})
+        elif b.kind == "choice":
+            add("choice", {"pred": row["prediction"], "options": r.options, "gold": r.label})
+            if row.get("choice"): add("choice-ranked", {"pred": row["choice"], "options": r.options, "gold": r.label})
+        else:
+            add(b.kind, (r, row["prediction"]))
+            if b.kind == "pcam": add("closed", {"pred": row["prediction"], "ref": r.label_answer()})
+    return out
+
+_PROTOCOL_KIND = {"closed": "closed", "open": "open", "choice": "choice", "choice-ranked": "choice"}
+
+def score_benchmark(b: Benchmark,  # the benchmark
+                    recs: Sequence[Record],  # its items (all, or those left after excluding contaminated ones)
+                    rows: dict,  # prediction rows by id
+                    seed: int = 0,  # seed of the random-option baseline
+                   ) -> dict:
+    "{kind: {protocol: scores}} and {kind: bias audit} of a benchmark's predictions."
+    scores, bias = {}, {}
+    for kind, items in benchmark_items(b, recs, rows).items():
+        if kind in _PROTOCOL_KIND:
+            scores[kind] = M.score_protocols(items, _PROTOCOL_KIND[kind])
+            bias[kind] = M.bias_audit(items, _PROTOCOL_KIND[kind], seed=seed)
+        else:
+            m, _ = SCORERS[kind]([r for r, _ in items], [p for _, p in items])
+            scores[kind] = {"ours": {k: m.get(k) for k in ("n", "accuracy", "balanced_accuracy", "f1_macro", "unparsed_rate")}}
+    return {"n": len(recs), "scores": scores, "bias": bias}
+
+# %% ../nbs/16_evaluate.ipynb 48
+_CLASS_METRICS = ("accuracy", "balanced_accuracy", "f1_macro")
+
+def _cell(s: dict | None, metric: str) -> str:
+    "A score with its denominator when a protocol left items out (`0.750 (3/4)`)."
+    if not s or s.get(metric) is None: return "–"
+    v = f"{s[metric]:.3f}"
+    return v + (f" ({s['n_counted']}/{s['n']})" if s.get("n_counted") is not None and s["n_counted"] != s["n"] else "")
+
+def _table_rows(scored: dict) -> list[tuple]:
+    "(benchmark, kind, protocol, metric) rows of one model's results, in order."
+    rows = []
+    for bench, res in scored.items():
+        for kind, by in res["scores"].items():
+            for proto, s in by.items():
+                metrics = _CLASS_METRICS if proto == "ours" and kind in ("crc", "pcam") else (M.PROTOCOLS[proto].headline,)
+                rows += [(bench, kind, proto, m) for m in metrics]
+    return rows
+
+def benchmark_table(results: dict,  # {run name: {benchmark: score_benchmark result}}
+                   ) -> str:
+    "Markdown: one row per benchmark × kind × protocol, one column per run (base vs tuned side by side)."
+    runs, keys = list(results), []
+    for run in runs: keys += [k for k in _table_rows(results[run]) if k not in keys]
+    n = lambda b, k: next((results[r][b]["scores"][k][next(iter(results[r][b]["scores"][k]))].get("n") for r in runs if b in results[r] and k in results[r][b]["scores"]), "")
+    lines = ["| benchmark | items | protocol | metric | " + " | ".join(runs) + " |", "|---|---|---|---|" + "---:|" * len(runs)]
+    for b, k, p, m in keys:
+        cells = [_cell(results[r].get(b, {}).get("scores", {}).get(k, {}).get(p), m) for r in runs]
+        lines.append(f"| {b} | {k} ({n(b, k)}) | {p} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+def bias_table(results: dict,  # {run name: {benchmark: score_benchmark result}}
+              ) -> str:
+    "Markdown bias audit: unparsed rate, yes/no priors of answers and references, and what each baseline answerer scores."
+    lines = ["| run | benchmark | items | unparsed | answers yes | refs yes | answerer | " + "protocol scores |", "|---|---|---|---:|---:|---:|---|---|"]
+    fmt = lambda v: "–" if v is None else f"{v:.2f}"
+    for run, scored in results.items():
+        for bench, res in scored.items():
+            for kind, a in res["bias"].items():
+                head = lambda by: " · ".join(f"{p} {_cell(s, M.PROTOCOLS[p].headline)}" for p, s in by.items())
+                lines.append(f"| {run} | {bench} | {kind} ({a['n']}) | {fmt(a['unparsed_rate'])} | {fmt(a['pred_yes_rate'])} | "
+                             f"{fmt(a['ref_yes_rate'])} | the model | {head(a['model'])} |")
+                for name, by in a["baselines"].items(): lines.append(f"| | | | | | | {name} | {head(by)} |")
+    return "\n".join(lines) + "\n"
+
+# %% ../nbs/16_evaluate.ipynb 50
+def run_spec(spec: str) -> tuple[str, str]:
+    "(run name, model) of a `--model` value: `NAME=MODEL`, or the model's folder name (its run's name for a `final` folder)."
+    name, sep, model = str(spec).partition("=")
+    if sep and name and "/" not in name: return name, model
+    p = Path(str(spec))
+    return (p.parent.name if p.name == "final" else p.name) or str(spec), str(spec)
+
+def predict_benchmark(m, proc, b: Benchmark, recs: Sequence[Record], out_jsonl, batch_size: int = 8, max_new_tokens: int = 32, seed: int = 0) -> dict:
+    "Generate (and for multiple choice rank) answers for a benchmark's items; prediction rows by id."
+    from pathinsight.chatml import to_conversation
+    from pathinsight.infer import predict
+    examples = []
+    for r in recs:
+        e = to_conversation(r, seed=seed)
+        if b.kind == "choice": e["options"] = choice_strings(r)
+        examples.append(e)
+    predict(m, proc, examples, out_jsonl, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return {row["id"]: row for row in read_jsonl(out_jsonl)}
+
+def run_benchmarks(models: Sequence[str],  # saved models / adapters or hub ids (or NAME=MODEL), one table column each
+                   names: Sequence[str],  # benchmarks (see `benchmark_names`)
+                   data,  # the folder `pathinsight download` wrote
+                   out,  # output folder
+                   batch_size: int = 8,  # generation batch size
+                   max_new_tokens: int = 32,  # longest answer in tokens
+                   limit: int = 0,  # a seeded sample of this many items per benchmark (0: all)
+                   seed: int = 0,  # sampling, prompt and random-baseline seed
+                   exclude=None,  # a training build: also score without the items it contaminates
+                   trust_remote_code: bool = False,  # allow remote-code families
+                  ) -> dict:
+    "Run models over benchmarks; write predictions, scores, the benchmarks × protocols table and the bias audit."
+    from pathinsight.models import check_trust, load_trained
+    specs = [run_spec(m) for m in models]
+    for _, model in specs: check_trust(model, trust_remote_code=trust_remote_code)
+    data, out = Path(data).resolve(), Path(out)
+    loaded = {n: load_benchmark(n, data, limit, seed)[0] for n in names}
+    clean = {}
+    if exclude is not None:
+        train, troot = read_dataset(exclude, "train")
+        for n, recs in loaded.items():
+            a = contamination_audit(train, recs, troot)
+            write_json(out/"contamination"/f"{n}.json", a)
+            clean[n] = set(r.id for r in recs) - set(a["ids"])
+    results = {}
+    for name, model in specs:
+        m, proc, _ = load_trained(model, trust_remote_code=trust_remote_code)
+        run = results.setdefault(name, {})
+        for n, recs in loaded.items():
+            rows = predict_benchmark(m, proc, BENCHMARKS[n], recs, out/name/n/"predictions.jsonl", batch_size, max_new_tokens, seed)
+            run[n] = score_benchmark(BENCHMARKS[n], recs, rows, seed)
+            if n in clean: run[f"{n} (clean)"] = score_benchmark(BENCHMARKS[n], [r for r in recs if r.id in clean[n]], rows, seed)
+    write_json(out/"results.json", results)
+    with atomic_write(out/"benchmarks.md") as f:
+        f.write("# Benchmarks × protocols\n\n" + benchmark_table(results) + "\n# Bias audit\n\n" + bias_table(results))
+    return results
+
+# %% ../nbs/16_evaluate.ipynb 51
+def benchmark_cmd(*, model: list,  # model(s): saved model / adapter directories or hub ids, or NAME=MODEL (one column each, e.g. base and tuned)
+                  suite: str = "pathology",  # benchmark suite
+                  only: list = None,  # run only these benchmarks (pathvqa, pathmmu, quilt-vqa, crc-val-he-7k, nct-crc-he-100k, pcam)
+                  data: str = "data",  # the folder `pathinsight download` wrote
+                  out: str = "benchmarks",  # output folder: predictions, results.json, benchmarks.md
+                  batch_size: int = 8,  # generation batch size
+                  max_new_tokens: int = 32,  # longest answer in tokens
+                  limit: int = 0,  # a seeded sample of this many items per benchmark (0: all)
+                  seed: int = 0,  # sampling, prompt and random-baseline seed
+                  exclude_contaminated: str = None,  # a training build: also score without the benchmark items it contains
+                  trust_remote_code: bool = False,  # allow remote-code families (Qwen-VL-Chat, XComposer2)
+                 ) -> dict:
+    "Score models on the field's benchmarks under every protocol (ours and each peer's), with a bias audit."
+    res = run_benchmarks(model, benchmark_names(suite, only), data, out, batch_size, max_new_tokens, limit, seed,
+                         exclude_contaminated, trust_remote_code)
+    print((Path(out)/"benchmarks.md").read_text())
+    return res
+
+def contamination_cmd(build: str,  # a training build (DatasetDict folder) or records .jsonl
+                      benchmarks: list,  # benchmark names (see `pathinsight benchmark --help`)
+                      data: str = "data",  # the folder `pathinsight download` wrote
+                      split: str = "train",  # the build's split to compare ('all' for every split)
+                      out: str = None,  # write the reports here as <benchmark>.json (default: print only)
+                      near_bits: int = 4,  # max dHash Hamming distance of a near-duplicate image (-1: off)
+                      text_n: int = 8,  # a shared run of this many words is a text overlap (0: exact text only)
+                     ) -> dict:
+    "Count a benchmark's test items whose image (exact or near) or text is in a training build, with examples."
+    train, troot = read_dataset(build, split)
+    reports = {}
+    for n in benchmark_names(None, benchmarks):
+        recs, _ = load_benchmark(n, Path(data).resolve())
+        a = reports[n] = contamination_audit(train, recs, troot, near_bits=near_bits, text_n=text_n)
+        if out: write_json(Path(out)/f"{n}.json", a)
+        ex = "; ".join(f"{k}: {e[0]['bench']} ~ {e[0]['train']}" for k, e in a["examples"].items() if e)
+        print(f"{n}: {a['contaminated']} of {a['n_bench']} items contaminated (exact image {a['exact_image']}, near image "
+              f"{a['near_image']}, text {a['text']}){' e.g. ' + ex if ex else ''}")
+    return reports
+
+# %% ../nbs/16_evaluate.ipynb 53
+def write_benchmark_fixtures(d,  # a download folder (created)
+                             size: int = 64,  # tile side
+                            ) -> Path:
+    "Small synthetic benchmarks in their published layouts under `d`: PathVQA, PathMMU, Quilt-VQA, CRC-VAL-HE-7K, PCam test."
+    import pyarrow as pa, pyarrow.parquet as pq
+    from PIL import Image
+    from pathinsight.synth import synth_tile
+    from pathinsight.sources import write_pcam_h5
+    d = Path(d)
+    def png(code, i):
+        buf = io.BytesIO(); synth_tile(code, size=size, seed=40, index=i).save(buf, "PNG")
+        return buf.getvalue()
+    qa = [("is there necrosis?", "yes"), ("is this normal colon?", "no"), ("are these glands?", "yes"), ("is it benign?", "no"),
+          ("what is shown?", "adenocarcinoma"), ("which organ is this?", "colon")]
+    (d/"pathvqa"/"data").mkdir(parents=True)
+    pq.write_table(pa.table({"image": [{"bytes": png("TUM", i), "path": None} for i in range(6)], "question": [q for q, _ in qa],
+                             "answer": [a for _, a in qa]}), d/"pathvqa"/"data"/"test-00000-of-00001.parquet")
+    (d/"pathmmu"/"images").mkdir(parents=True)
+    opts = ["A) adipose tissue", "B) lymphocytes", "C) smooth muscle", "D) colorectal adenocarcinoma epithelium"]
+    items = [{"No": i, "img": f"p{i}.png", "question": "Which tissue does this image show?", "options": opts, "answer": opts[g]}
+             for i, g in enumerate([0, 1, 2, 3])]
+    for i, c in enumerate(["ADI", "LYM", "MUS", "TUM"]): Image.open(io.BytesIO(png(c, i))).save(d/"pathmmu"/"images"/f"p{i}.png")
+    (d/"pathmmu"/"data.json").write_text(json.dumps({"PathCLS": {"test": items}}))
+    (d/"quilt-vqa"/"data").mkdir(parents=True)
+    pq.write_table(pa.table({"image": [{"bytes": png("STR", i), "path": None} for i in range(3)], "question": ["is this stroma?", "is it malignant?", "what is seen?"],
+                             "answer": ["yes", "no", "desmoplastic stroma"], "answer_type": ["CLOSED", "CLOSED", "OPEN"], "context": ["", "", ""]}),
+                   d/"quilt-vqa"/"data"/"train-00000-of-00001.parquet")
+    for c in CRC_CLASSES:
+        (d/"crc-val-he-7k"/"CRC-VAL-HE-7K"/c).mkdir(parents=True)
+        synth_tile(c, size=size, seed=41).save(d/"crc-val-he-7k"/"CRC-VAL-HE-7K"/c/f"{c}-TCGA-{c:X<4}ABCD.tif", compression="packbits")
+    write_pcam_h5(d/"pcam", 6, split="test", seed=42, size=size)
+    return d
