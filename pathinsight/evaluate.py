@@ -587,8 +587,14 @@ def run_benchmarks(models: Sequence[str],  # saved models / adapters or hub ids 
     from pathinsight.models import check_trust, load_trained
     specs = [run_spec(m) for m in models]
     for _, model in specs: check_trust(model, trust_remote_code=trust_remote_code)
+    from pathinsight.download import REGISTRY
     data, out = Path(data).resolve(), Path(out)
-    loaded = {n: load_benchmark(n, data, limit, seed)[0] for n in names}
+    got = {n: load_benchmark(n, data, limit, seed) for n in names}
+    loaded = {n: recs for n, (recs, _) in got.items()}
+    about = ["| benchmark | items | rejected rows | licence | gate |", "|---|---:|---:|---|---|"]
+    for n, (recs, rejs) in got.items():
+        e = REGISTRY[BENCHMARKS[n].dataset]
+        about.append(f"| {n} | {len(recs)} | {len(rejs)} | {e.licence} | {e.gate or '–'} |")
     clean = {}
     if exclude is not None:
         train, troot = read_dataset(exclude, "train")
@@ -606,7 +612,8 @@ def run_benchmarks(models: Sequence[str],  # saved models / adapters or hub ids 
             if n in clean: run[f"{n} (clean)"] = score_benchmark(BENCHMARKS[n], [r for r in recs if r.id in clean[n]], rows, seed)
     write_json(out/"results.json", results)
     with atomic_write(out/"benchmarks.md") as f:
-        f.write("# Benchmarks × protocols\n\n" + benchmark_table(results) + "\n# Bias audit\n\n" + bias_table(results))
+        f.write("# Benchmarks\n\n" + "\n".join(about) + "\n\n# Benchmarks × protocols\n\n" + benchmark_table(results)
+                + "\n# Bias audit\n\n" + bias_table(results))
     return results
 
 # %% ../nbs/16_evaluate.ipynb 51
