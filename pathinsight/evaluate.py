@@ -19,8 +19,8 @@ __all__ = ['SCORERS', 'TABLE_COLUMNS', 'TABLE_NOTE', 'PROCESSOR_FILES', 'BENCHMA
            'read_run', 'results_table', 'table_markdown', 'table_csv', 'table_latex', 'table_notes', 'table_cmd',
            'check_model_dir', 'training_seed', 'eval_cmd', 'ImagePrint', 'image_print', 'item_text',
            'contamination_audit', 'Benchmark', 'benchmark_names', 'load_benchmark', 'choice_strings', 'benchmark_items',
-           'score_benchmark', 'benchmark_table', 'bias_table', 'run_spec', 'predict_benchmark', 'run_benchmarks',
-           'benchmark_cmd', 'contamination_cmd', 'write_benchmark_fixtures']
+           'score_benchmark', 'benchmark_table', 'bias_table', 'run_spec', 'predict_benchmark', 'benchmark_about',
+           'uncontaminated_ids', 'run_benchmarks', 'benchmark_cmd', 'contamination_cmd', 'write_benchmark_fixtures']
 
 # %% ../nbs/16_evaluate.ipynb 10
 def _some(ids, k=5): ids = sorted(ids); return f"{ids[:k]}{' ...' if len(ids) > k else ''} ({len(ids)} in all)"
@@ -474,13 +474,15 @@ def choice_strings(r: Record) -> list[str]:
 def benchmark_items(b: Benchmark,  # the benchmark
                     recs: Sequence[Record],  # its items
                     rows: dict,  # prediction rows by id ({prediction, choice?})
+                    anchors: dict | None = None,  # id -> the anchor run's answer (Quilt-LLaVA cuts predictions to its length)
                    ) -> dict:
     "The items of each scoring kind (closed, open, choice, choice-ranked, crc, pcam) as metric items or (records, predictions)."
-    out = {}
+    out, anchors = {}, anchors or {}
     add = lambda k, x: out.setdefault(k, []).append(x)
     for r in recs:
         row = rows[r.id]
-        if b.kind == "vqa": add("closed" if M.is_closed(r.answer, r.answer_type) else "open", {"pred": row["prediction"], "ref": r.answer})
+        if b.kind == "vqa":
+            add("closed" if M.is_closed(r.answer, r.answer_type) else "open", {"pred": row["prediction"], "ref": r.answer, "anchor": anchors.get(r.id)})
         elif b.kind == "choice":
             add("choice", {"pred": row["prediction"], "options": r.options, "gold": r.label})
             if row.get("choice"): add("choice-ranked", {"pred": row["choice"], "options": r.options, "gold": r.label})
@@ -495,10 +497,11 @@ def score_benchmark(b: Benchmark,  # the benchmark
                     recs: Sequence[Record],  # its items (all, or those left after excluding contaminated ones)
                     rows: dict,  # prediction rows by id
                     seed: int = 0,  # seed of the random-option baseline
+                    anchors: dict | None = None,  # id -> the anchor run's answer (Quilt-LLaVA's truncation; None: no cut)
                    ) -> dict:
     "{kind: {protocol: scores}} and {kind: bias audit} of a benchmark's predictions."
     scores, bias = {}, {}
-    for kind, items in benchmark_items(b, recs, rows).items():
+    for kind, items in benchmark_items(b, recs, rows, anchors).items():
         if kind in _PROTOCOL_KIND:
             scores[kind] = M.score_protocols(items, _PROTOCOL_KIND[kind])
             bias[kind] = M.bias_audit(items, _PROTOCOL_KIND[kind], seed=seed)
@@ -572,6 +575,25 @@ def predict_benchmark(m, proc, b: Benchmark, recs: Sequence[Record], out_jsonl, 
     predict(m, proc, examples, out_jsonl, batch_size=batch_size, max_new_tokens=max_new_tokens)
     return {row["id"]: row for row in read_jsonl(out_jsonl)}
 
+def benchmark_about(got: dict) -> str:
+    "Markdown: each benchmark's items, rejected rows, licence and gate."
+    from pathinsight.download import REGISTRY
+    lines = ["| benchmark | items | rejected rows | licence | gate |", "|---|---:|---:|---|---|"]
+    for n, (recs, rejs) in got.items():
+        e = REGISTRY[BENCHMARKS[n].dataset]
+        lines.append(f"| {n} | {len(recs)} | {len(rejs)} | {e.licence} | {e.gate or '–'} |")
+    return "\n".join(lines) + "\n"
+
+def uncontaminated_ids(build, loaded: dict, out: Path) -> dict:
+    "Benchmark -> ids of the items the training build does not contain (each audit written to OUT/contamination/)."
+    train, troot = read_dataset(build, "train")
+    clean = {}
+    for n, recs in loaded.items():
+        a = contamination_audit(train, recs, troot)
+        write_json(out/"contamination"/f"{n}.json", a)
+        clean[n] = set(r.id for r in recs) - set(a["ids"])
+    return clean
+
 def run_benchmarks(models: Sequence[str],  # saved models / adapters or hub ids (or NAME=MODEL), one table column each
                    names: Sequence[str],  # benchmarks (see `benchmark_names`)
                    data,  # the folder `pathinsight download` wrote
@@ -581,38 +603,34 @@ def run_benchmarks(models: Sequence[str],  # saved models / adapters or hub ids 
                    limit: int = 0,  # a seeded sample of this many items per benchmark (0: all)
                    seed: int = 0,  # sampling, prompt and random-baseline seed
                    exclude=None,  # a training build: also score without the items it contaminates
+                   anchor: str | None = None,  # run whose answers Quilt-LLaVA's protocol cuts predictions to (its zero-shot base); None: no cut
                    trust_remote_code: bool = False,  # allow remote-code families
                   ) -> dict:
     "Run models over benchmarks; write predictions, scores, the benchmarks × protocols table and the bias audit."
     from pathinsight.models import check_trust, load_trained
     specs = [run_spec(m) for m in models]
     for _, model in specs: check_trust(model, trust_remote_code=trust_remote_code)
-    from pathinsight.download import REGISTRY
+    if anchor is not None and anchor not in [n for n, _ in specs]: raise PathinsightError(f"anchor {anchor!r} is not one of the runs {[n for n, _ in specs]}")
     data, out = Path(data).resolve(), Path(out)
     got = {n: load_benchmark(n, data, limit, seed) for n in names}
     loaded = {n: recs for n, (recs, _) in got.items()}
-    about = ["| benchmark | items | rejected rows | licence | gate |", "|---|---:|---:|---|---|"]
-    for n, (recs, rejs) in got.items():
-        e = REGISTRY[BENCHMARKS[n].dataset]
-        about.append(f"| {n} | {len(recs)} | {len(rejs)} | {e.licence} | {e.gate or '–'} |")
-    clean = {}
-    if exclude is not None:
-        train, troot = read_dataset(exclude, "train")
-        for n, recs in loaded.items():
-            a = contamination_audit(train, recs, troot)
-            write_json(out/"contamination"/f"{n}.json", a)
-            clean[n] = set(r.id for r in recs) - set(a["ids"])
-    results = {}
+    clean = uncontaminated_ids(exclude, loaded, out) if exclude is not None else {}
+    preds = {}
     for name, model in specs:
         m, proc, _ = load_trained(model, trust_remote_code=trust_remote_code)
-        run = results.setdefault(name, {})
+        preds[name] = {n: predict_benchmark(m, proc, BENCHMARKS[n], recs, out/name/n/"predictions.jsonl", batch_size, max_new_tokens, seed)
+                       for n, recs in loaded.items()}
+    results = {}
+    for name, _ in specs:
+        run = results[name] = {}
         for n, recs in loaded.items():
-            rows = predict_benchmark(m, proc, BENCHMARKS[n], recs, out/name/n/"predictions.jsonl", batch_size, max_new_tokens, seed)
-            run[n] = score_benchmark(BENCHMARKS[n], recs, rows, seed)
-            if n in clean: run[f"{n} (clean)"] = score_benchmark(BENCHMARKS[n], [r for r in recs if r.id in clean[n]], rows, seed)
+            anchors = {i: row["prediction"] for i, row in preds[anchor][n].items()} if anchor else None
+            run[n] = score_benchmark(BENCHMARKS[n], recs, preds[name][n], seed, anchors)
+            if n in clean: run[f"{n} (clean)"] = score_benchmark(BENCHMARKS[n], [r for r in recs if r.id in clean[n]], preds[name][n], seed, anchors)
     write_json(out/"results.json", results)
     with atomic_write(out/"benchmarks.md") as f:
-        f.write("# Benchmarks\n\n" + "\n".join(about) + "\n\n# Benchmarks × protocols\n\n" + benchmark_table(results)
+        f.write("# Benchmarks\n\n" + benchmark_about(got) + "\n# Benchmarks × protocols\n\n" + benchmark_table(results)
+                + f"\nQuilt-LLaVA's predictions are cut to the length of {'the ' + repr(anchor) + ' run' if anchor else 'no anchor (uncut)'}'s answers.\n"
                 + "\n# Bias audit\n\n" + bias_table(results))
     return results
 
@@ -627,11 +645,12 @@ def benchmark_cmd(*, model: list,  # model(s): saved model / adapter directories
                   limit: int = 0,  # a seeded sample of this many items per benchmark (0: all)
                   seed: int = 0,  # sampling, prompt and random-baseline seed
                   exclude_contaminated: str = None,  # a training build: also score without the benchmark items it contains
+                  anchor: str = None,  # run name whose answers Quilt-LLaVA's protocol cuts predictions to (e.g. base)
                   trust_remote_code: bool = False,  # allow remote-code families (Qwen-VL-Chat, XComposer2)
                  ) -> dict:
     "Score models on the field's benchmarks under every protocol (ours and each peer's), with a bias audit."
     res = run_benchmarks(model, benchmark_names(suite, only), data, out, batch_size, max_new_tokens, limit, seed,
-                         exclude_contaminated, trust_remote_code)
+                         exclude_contaminated, anchor, trust_remote_code)
     print((Path(out)/"benchmarks.md").read_text())
     return res
 
