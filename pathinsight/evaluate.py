@@ -630,7 +630,8 @@ def run_benchmarks(models: Sequence[str],  # saved models / adapters or hub ids 
     write_json(out/"results.json", results)
     with atomic_write(out/"benchmarks.md") as f:
         f.write("# Benchmarks\n\n" + benchmark_about(got) + "\n# Benchmarks × protocols\n\n" + benchmark_table(results)
-                + f"\nQuilt-LLaVA's predictions are cut to the length of {'the ' + repr(anchor) + ' run' if anchor else 'no anchor (uncut)'}'s answers.\n"
+                + (f"\nQuilt-LLaVA's predictions are cut to the length of the {anchor!r} run's answers.\n" if anchor
+                   else "\nQuilt-LLaVA's predictions are not cut (no anchor run: `--anchor`).\n")
                 + "\n# Bias audit\n\n" + bias_table(results))
     return results
 
