@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
-from .core import (CRC_CLASSES, PathinsightError, Record, atomic_write, bytes_sha256, label_set_name, option_answers,
+from .core import (CRC_CLASSES, PathinsightError, Record, atomic_write, label_set_name, option_answers,
                               read_dataset, read_jsonl, rng_for, write_json, write_jsonl)
 from . import metrics as M
 
@@ -17,10 +17,10 @@ from . import metrics as M
 __all__ = ['SCORERS', 'TABLE_COLUMNS', 'TABLE_NOTE', 'PROCESSOR_FILES', 'BENCHMARKS', 'SUITES', 'read_predictions', 'task_kind',
            'reference_text', 'prompt_text', 'score_records', 'score_run', 'score_cmd', 'format_run', 'table_columns',
            'read_run', 'results_table', 'table_markdown', 'table_csv', 'table_latex', 'table_notes', 'table_cmd',
-           'check_model_dir', 'training_seed', 'eval_cmd', 'ImagePrint', 'image_print', 'item_text',
-           'contamination_audit', 'Benchmark', 'benchmark_names', 'load_benchmark', 'choice_strings', 'benchmark_items',
-           'score_benchmark', 'benchmark_table', 'bias_table', 'run_spec', 'predict_benchmark', 'benchmark_about',
-           'uncontaminated_ids', 'run_benchmarks', 'benchmark_cmd', 'contamination_cmd', 'write_benchmark_fixtures']
+           'check_model_dir', 'training_seed', 'eval_cmd', 'image_print', 'item_text', 'contamination_audit',
+           'Benchmark', 'benchmark_names', 'load_benchmark', 'choice_strings', 'benchmark_items', 'score_benchmark',
+           'benchmark_table', 'bias_table', 'run_spec', 'predict_benchmark', 'benchmark_about', 'uncontaminated_ids',
+           'run_benchmarks', 'benchmark_cmd', 'contamination_cmd', 'write_benchmark_fixtures']
 
 # %% ../nbs/16_evaluate.ipynb 10
 def _some(ids, k=5): ids = sorted(ids); return f"{ids[:k]}{' ...' if len(ids) > k else ''} ({len(ids)} in all)"
@@ -332,24 +332,14 @@ def eval_cmd(*, model: str,  # saved model or LoRA adapter directory (with its p
     return res
 
 # %% ../nbs/16_evaluate.ipynb 41
-@dataclass
-class ImagePrint:
-    "How an image is recognised: the SHA-256 of its RGB pixels, its dHash and its pixel std."
-    sha: str  # SHA-256 of the decoded RGB pixels and their shape
-    dhash: int  # 64-bit difference hash (`pathinsight.clean.dhash`)
-    std: float  # pixel standard deviation (featureless images match only exactly)
-
 def image_print(ref,  # image reference
                 root=None,  # folder relative paths are relative to
-               ) -> ImagePrint | None:
-    "The fingerprint of image `ref`, or None when it cannot be read."
-    import numpy as np
-    from pathinsight.images import ImageError, open_image, to_rgb
-    from pathinsight.clean import dhash
-    try: img = to_rgb(open_image(ref, root))
+               ):
+    "The cleaning stage's `ImageInfo` of image `ref` (pixel SHA-256, dHash, std), or None when it cannot be read."
+    from pathinsight.images import ImageError, open_image
+    from pathinsight.clean import image_stats
+    try: return image_stats(open_image(ref, root))
     except (ImageError, OSError): return None
-    a = np.asarray(img)
-    return ImagePrint(bytes_sha256(a.tobytes() + str(a.shape).encode()), dhash(img), float(a.std()))
 
 def item_text(r: Record) -> list[str]:
     "The word tokens of what a record says about its image: question and answer, caption, or its turns."
@@ -363,7 +353,7 @@ def _grams(words: list[str], n: int) -> set:
 
 # %% ../nbs/16_evaluate.ipynb 42
 def _prints(records: Sequence[Record], root, desc: str) -> dict:
-    "ref -> ImagePrint of every distinct image of `records` (unreadable ones left out)."
+    "ref -> ImageInfo of every distinct image of `records` (unreadable ones left out)."
     from pathinsight.core import progress
     from pathinsight.images import close_images
     refs = list(dict.fromkeys(r.image for r in records if r.image))
