@@ -667,35 +667,40 @@ def bench_metrics(n: int = 10_000,  # caption pairs
     return res
 
 # %% ../nbs/18_bench.ipynb 66
-DEMO_TARGET_MIN = 6.0
+DEMO_TARGET_MIN = 10.0
 
 def bench_demo(steps: int | None = None,  # training steps (None: the demo's default, as a new user runs it)
                n_per_class: int | None = None,  # synthetic tiles per class (None: the demo's default)
                no_control: bool = False,  # skip the shuffled-label control
+               modes: str | None = None,  # tuning modes (None: the demo's default)
                target_min: float = DEMO_TARGET_MIN,  # the wall-time target, minutes
               ) -> dict:
-    "Wall time of one `pathinsight demo --out TMP` run (the console script in a subprocess) and its stage times."
+    "Wall and CPU time of one `pathinsight demo --out TMP` run (the console script in a subprocess), its stage times and targets."
     exe = shutil.which("pathinsight")
     if not exe: raise PathinsightError("the `pathinsight` console script is not on PATH (pip install -e . first)")
     opts = (["--steps", str(steps)] if steps else []) + (["--n-per-class", str(n_per_class)] if n_per_class else []) \
-           + (["--no-control"] if no_control else [])
+           + (["--modes", modes] if modes else []) + (["--no-control"] if no_control else [])
     with tempfile.TemporaryDirectory(prefix="pi-bench-demo-") as d:
         t0 = time.perf_counter()
         p = subprocess.run([exe, "demo", "--out", str(Path(d)/"demo"), *opts], capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if p.returncode: raise PathinsightError(f"pathinsight demo failed ({p.returncode}):\n{p.stderr[-2000:]}")
         summary = json.loads((Path(d)/"demo"/"summary.json").read_text())
-    order = ("data", "base model", "tune", "control", "tune + control", "evaluate", "report")
+    order = ("data", "base model", "tune", "evaluate", "report")
     stages = {k: summary["times"][k] for k in sorted(summary["times"], key=lambda k: (order + (k,)).index(k))}
+    missed = [f"{t['run']}: {t['target']}" for t in summary.get("targets", []) if not t["met"]]
     res = {"name": "demo", "what": "`pathinsight demo` end to end, one run" + (f" (options {' '.join(opts)})" if opts else " (defaults)"),
            "command": " ".join(["pathinsight", "demo", "--out", "TMP", *opts]), "unit": "s",
            "ours": {"label": "pathinsight demo", "runs_s": [wall], "min_s": wall, "median_s": wall}, "theirs": None, "ratio": None,
-           "stage_s": stages, "config": summary.get("config"), "device": summary.get("device"),
-           "accuracy": {k: v["crc"]["accuracy"] for k, v in summary.get("eval", {}).items()},
-           "target": f"≤ {target_min:g} min (the README quotes the recorded time)",
-           "cells": {"ours": f"{wall / 60:.1f} min (stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()) + ")",
+           "stage_s": stages, "cpu_s": summary.get("cpu_s"), "config": summary.get("config"), "device": summary.get("device"),
+           "scores": {k: {t: {m: v["tasks"].get(t, {}).get(m) for m in ms} for t, ms in
+                          (("crc", ("f1_macro", "accuracy")), ("pcam", ("accuracy",)), ("caption", ("bleu1", "rouge1")), ("vqa", ("closed_accuracy",)))}
+                      for k, v in summary.get("eval", {}).items()},
+           "targets_missed": missed, "target": f"≤ {target_min:g} min on 2 idle cores and every demo target met (the README quotes the recorded time)",
+           "cells": {"ours": f"{wall / 60:.1f} min, CPU {summary.get('cpu_s', 0) / 60:.1f} min (stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
+                             + f"); demo targets met: {'all' if not missed else 'not ' + '; '.join(missed)}",
                      "theirs": "–", "ratio": "–"}}
-    res["met"] = wall <= target_min * 60
+    res["met"] = wall <= target_min * 60 and not missed
     print(describe(res))
     return res
 
@@ -772,7 +777,7 @@ BENCHMARKS = {  # name: (function, toy-size arguments[, full-size arguments]); t
     "vs_trl": (bench_vs_trl, dict(n=16, steps=2, batch_size=8)),
     "pcam_build": (bench_pcam_build, dict(n=300)),
     "pcam_build_1thread": (bench_pcam_build, dict(n=300, workers=1), dict(workers=1)),
-    "demo": (bench_demo, dict(steps=4, n_per_class=10, no_control=True)),
+    "demo": (bench_demo, dict(steps=4, n_per_class=10, modes="full", no_control=True)),
     "learning_grid": (bench_learning_grid, dict(families=("llava",), modes=(("lora", False),), steps=20, n_train=8, hidden=32,
                                                 classes=("ADI", "TUM"), n_test=4, image_size=32)),
     "remote_reference": (bench_remote_reference, {}),

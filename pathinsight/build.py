@@ -91,12 +91,18 @@ class BuildConfig:
 
 # %% ../nbs/08_build.ipynb 10
 def synth_specs(root) -> list[SourceSpec]:
-    "Sources reading a `write_synth` folder: classify, caption, vqa and conversation records."
+    "Sources reading a `write_synth` folder: classify, caption, vqa and conversation records, and its PCam-like patches."
     root = Path(root)
-    return [SourceSpec("crc", str(root), "synth", ["classify"]),
-            SourceSpec("jsonl", str(root/"captions.jsonl"), "synth", ["caption"], options={"task": "caption"}),
-            SourceSpec("jsonl", str(root/"vqa.jsonl"), "synth", ["vqa"], options={"task": "vqa"}),
-            SourceSpec("llava_med", str(root/"conversations.json"), "synth", ["conversation"], id_tag="conv")]
+    specs = [SourceSpec("crc", str(root), "synth", ["classify"]),
+             SourceSpec("jsonl", str(root/"captions.jsonl"), "synth", ["caption"], options={"task": "caption"}),
+             SourceSpec("jsonl", str(root/"vqa.jsonl"), "synth", ["vqa"], options={"task": "vqa"}),
+             SourceSpec("llava_med", str(root/"conversations.json"), "synth", ["conversation"], id_tag="conv")]
+    from pathinsight.sources import pcam_paths
+    x_h5 = pcam_paths(root, "train")[0]  # the PCam-like patches, beside the class folders (a CRC folder has only class sub-folders)
+    if x_h5.exists():  # classify records with the PCam label set (scored as kind 'pcam'); no cap of their own:
+        # `synth/classify` is not in PAPER_CAPS, so every patch is kept unless a config caps it
+        specs.append(SourceSpec("pcam", str(x_h5), "synth", ["classify"], id_tag="pcam"))
+    return specs
 
 PAPER_RECIPE = Path(pathinsight.__file__).parent/"configs"/"paper_build.yaml"  # the paper's recipe, shipped with the package
 

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Iterable
 
 # %% auto 0
-__all__ = ['TASKS', 'ROLES', 'CRC_CLASSES', 'PCAM_CLASSES', 'LABEL_SETS', 'PathinsightError', 'make_options', 'option_answers',
-           'label_set_name', 'Record', 'record_features', 'Rejection', 'stable_hash', 'rng_for', 'seed_everything',
-           'file_sha256', 'bytes_sha256', 'pathinsight_home', 'cache_dir', 'current_umask', 'share_as_umask',
-           'atomic_write', 'remove_stale_temps', 'atomic_dir', 'write_json', 'write_jsonl', 'read_jsonl',
-           'read_dataset', 'get_logger', 'progress', 'unknown_keys_error', 'config_from_dict', 'read_config_file',
-           'load_config', 'sample_data_dir']
+__all__ = ['TASKS', 'ROLES', 'CRC_CLASSES', 'PCAM_CLASSES', 'LABEL_SETS', 'PathinsightError', 'pcam_paths', 'make_options',
+           'option_answers', 'label_set_name', 'Record', 'record_features', 'Rejection', 'stable_hash', 'rng_for',
+           'seed_everything', 'file_sha256', 'bytes_sha256', 'pathinsight_home', 'cache_dir', 'current_umask',
+           'share_as_umask', 'atomic_write', 'remove_stale_temps', 'atomic_dir', 'write_json', 'write_jsonl',
+           'read_jsonl', 'read_dataset', 'get_logger', 'progress', 'unknown_keys_error', 'config_from_dict',
+           'read_config_file', 'load_config', 'sample_data_dir']
 
 # %% ../nbs/00_core.ipynb 6
 class PathinsightError(Exception):
@@ -35,6 +35,16 @@ CRC_CLASSES = {
 PCAM_CLASSES = {"normal": "no", "tumor": "yes"}
 
 LABEL_SETS = {"crc": CRC_CLASSES, "pcam": PCAM_CLASSES}  # named label sets: label -> answer
+
+def pcam_paths(root,  # a folder with the PCam h5 files, or the `_x.h5` file itself
+               split: str = "train",  # train | valid | test (when `root` is a folder)
+              ) -> tuple[Path, Path, Path]:
+    "The (x, y, meta.csv) paths of one PCam split (the native file names, shared by the loader and the synthetic writer)."
+    root = Path(root)
+    if root.suffix == ".h5": x = root
+    else: x = root/f"camelyonpatch_level_2_split_{split}_x.h5"
+    y = x.with_name(x.name.replace("_x.h5", "_y.h5"))
+    return x, y, x.with_name(x.name.replace("_x.h5", "_meta.csv"))
 
 def make_options(answers: dict) -> list[dict]:
     "A record's `options` from a {label: answer} mapping."

@@ -170,9 +170,10 @@ def format_run(res: dict) -> str:
 
 # %% ../nbs/16_evaluate.ipynb 23
 def table_columns(average: str = "macro") -> dict:
-    "Column title -> (task kind, metric key) of Table 2; CRC F1 and recall with `average` (macro | weighted)."
+    "Column title -> (task kind, metric key) of Table 2; CRC precision, recall and F1 with `average` (macro | weighted)."
     if average not in ("macro", "weighted"): raise PathinsightError(f"average must be 'macro' or 'weighted', got {average!r}")
-    return {f"CRC F1 ({average})": ("crc", f"f1_{average}"), f"CRC recall ({average})": ("crc", f"recall_{average}"),
+    return {f"CRC precision ({average})": ("crc", f"precision_{average}"), f"CRC recall ({average})": ("crc", f"recall_{average}"),
+            f"CRC F1 ({average})": ("crc", f"f1_{average}"),
             "PCam acc": ("pcam", "accuracy"), "BLEU-1": ("caption", "bleu1"), "ROUGE-1": ("caption", "rouge1"),
             "VQA closed acc": ("vqa", "closed_accuracy")}
 
@@ -238,7 +239,7 @@ def table_latex(header, rows, digits: int = 3, caption: str = "Results of each m
     out += [r"\bottomrule", r"\end{tabular}", r"\caption{" + _tex(caption) + "}", r"\end{table}"]
     return "\n".join(out) + "\n"
 
-TABLE_NOTE = ("CRC F1 and recall: macro averages over the classes in the references (macro recall = balanced accuracy); "
+TABLE_NOTE = ("CRC precision, recall and F1: macro averages over the classes in the references (macro recall = balanced accuracy); "
               "BLEU-1: mean sentence-level, brevity penalty on, lowercase rouge-score word tokens; ROUGE-1: mean F; "
               "VQA: closed (yes/no) accuracy by the first yes/no word, an answer with neither counts wrong; "
               "unparsed answers count wrong.")
@@ -260,7 +261,7 @@ def table_notes(run_dirs: Sequence) -> str:
 def table_cmd(run_dirs: list,  # run directories (each with metrics.json), one row each
               out: str | None = None,  # write table.md, table.csv and table.tex into this directory
               digits: int = 3,  # decimals shown in markdown and LaTeX
-              average: str = "macro",  # CRC F1/recall averaging: macro (recall = balanced accuracy) or weighted (PLIP)
+              average: str = "macro",  # CRC precision/recall/F1 averaging: macro (recall = balanced accuracy) or weighted (PLIP)
              ):
     "Print the results table (Table 2) of scored runs; optionally write markdown, CSV and LaTeX files."
     if isinstance(run_dirs, (str, Path)): run_dirs = [run_dirs]

@@ -4,16 +4,17 @@
 
 # %% ../nbs/17_gallery.ipynb 4
 from __future__ import annotations
-import base64, csv, html, io, json, math, textwrap
+import base64, csv, functools, html, io, json, math, re, unicodedata
 from pathlib import Path
 from typing import Sequence
-from .core import PathinsightError, atomic_write, write_json, read_jsonl, rng_for, stable_hash
+from .core import CRC_CLASSES, PathinsightError, atomic_write, write_json, read_jsonl, rng_for, stable_hash
 from .images import load_rgb
 
 # %% auto 0
-__all__ = ['RATINGS', 'SHEET_COLUMNS', 'new_figure', 'thumbnail', 'save_figure', 'read_scored', 'image_root', 'gallery_items',
-           'plot_gallery', 'plot_confusion', 'read_loss_csv', 'plot_training_curve', 'make_review_sheet',
-           'aggregate_reviews', 'gallery_cmd', 'review_cmd', 'review_score_cmd']
+__all__ = ['CLASS_KINDS', 'KIND_ORDER', 'RATINGS', 'SHEET_COLUMNS', 'new_figure', 'thumbnail', 'save_figure', 'read_scored',
+           'image_root', 'stratified_pick', 'gallery_items', 'font_codepoints', 'text_width', 'visible_text',
+           'plot_gallery', 'class_names', 'plot_confusion', 'plot_confusions', 'read_loss_csv', 'plot_training_curve',
+           'make_review_sheet', 'aggregate_reviews', 'gallery_cmd', 'review_cmd', 'review_score_cmd']
 
 # %% ../nbs/17_gallery.ipynb 7
 def new_figure(**kw):
@@ -33,7 +34,7 @@ def save_figure(fig, path, dpi: int = 110) -> Path:
     with atomic_write(path, "wb") as f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
     return path
 
-# %% ../nbs/17_gallery.ipynb 12
+# %% ../nbs/17_gallery.ipynb 14
 def read_scored(run_dir) -> tuple[dict, list[dict]]:
     "A run's metrics.json and scored.jsonl rows (a clear error if the run was not scored)."
     run_dir = Path(run_dir)
@@ -46,19 +47,52 @@ def image_root(metrics: dict) -> Path:
     d = Path(metrics.get("data", "."))
     return d if d.is_dir() else d.parent
 
+# %% ../nbs/17_gallery.ipynb 15
+CLASS_KINDS = ("crc", "pcam", "classify")  # task kinds whose items have a reference class
+KIND_ORDER = ("crc", "pcam", "classify", "vqa", "caption", "conversation")  # the order kinds are picked and shown in
+
+def _interleave(groups: list[list]) -> list:
+    "The first item of each group, then the second of each, ..."
+    return [g[k] for k in range(max(map(len, groups), default=0)) for g in groups if k < len(g)]
+
+def stratified_pick(ids: Sequence[str],  # candidates, in order of preference (e.g. shuffled)
+                    kind: dict,  # id -> task kind
+                    stratum: dict,  # id -> class within its kind (None: one stratum)
+                    n: int,  # items to pick
+                   ) -> list[str]:
+    "Up to `n` of `ids`: one per kind, then one per class of each kind, then kinds in turn; grouped by kind."
+    kinds = sorted({kind[i] for i in ids}, key=lambda k: (KIND_ORDER.index(k) if k in KIND_ORDER else len(KIND_ORDER), k))
+    queue, n_strata = {}, {}
+    for k in kinds:
+        groups = {}  # class -> ids, classes in the order of their first (most preferred) id
+        for i in ids:
+            if kind[i] == k: groups.setdefault(stratum.get(i), []).append(i)
+        queue[k], n_strata[k] = _interleave(list(groups.values())), len(groups)
+    taken, out = {k: 0 for k in kinds}, []
+    for cap in (lambda k: 1, lambda k: n_strata[k], lambda k: len(queue[k])):  # one per kind, per class, then the rest
+        while len(out) < n and (ks := [k for k in kinds if taken[k] < min(cap(k), len(queue[k]))]):
+            for k in ks[:n - len(out)]: out.append(queue[k][taken[k]]); taken[k] += 1
+    pos = {i: p for k in kinds for p, i in enumerate(queue[k])}
+    return sorted(out, key=lambda i: (kinds.index(kind[i]), pos[i]))
+
+# %% ../nbs/17_gallery.ipynb 18
 def gallery_items(run_dirs: Sequence,  # run directories to compare (first = base, last = tuned, say)
                   n: int = 8,  # items to show
                   seed: int = 0,  # selection seed
                   kinds: Sequence[str] | None = None,  # task kinds to include (crc, pcam, caption, vqa, ...); None = all
                   disagree_first: bool = False,  # prefer items where the runs' right/wrong differ
+                  stratify: bool = True,  # spread the items over task kinds and the classes of crc / pcam / classify
                  ) -> list[dict]:
-    "Items {id, image (absolute), question, reference, answers: [(run, text, correct, note)]} common to all runs."
+    "Items {id, kind, image (absolute), question, reference, answers: [(run, text, correct, note)]} common to all runs."
     runs = [read_scored(d) for d in run_dirs]
     root = image_root(runs[0][0])
     by = [{r["id"]: r for r in rows} for _, rows in runs]
     ids = [i for i in by[0] if all(i in b for b in by[1:]) and (kinds is None or by[0][i]["kind"] in kinds)]
     ids.sort(key=lambda i: rng_for(seed, "gallery", i).random())
     if disagree_first: ids.sort(key=lambda i: len({b[i].get("correct") for b in by}) == 1)
+    if stratify:
+        kind = {i: by[0][i]["kind"] for i in ids}
+        ids = stratified_pick(ids, kind, {i: by[0][i]["reference"] for i in ids if kind[i] in CLASS_KINDS}, n)
     out = []
     for i in ids[:n]:
         r0 = by[0][i]
@@ -67,27 +101,91 @@ def gallery_items(run_dirs: Sequence,  # run directories to compare (first = bas
             r = b[i]
             note = f"ROUGE-L {r['rougeL']:.2f}" if "rougeL" in r else ""
             ans.append((m.get("run", "?"), r["prediction"], r.get("correct"), note))
-        ref = r0["reference"]
-        out.append({"id": i, "image": str(root/r0["image"]), "question": r0["question"], "reference": ref, "answers": ans})
+        out.append({"id": i, "kind": r0["kind"], "image": str(root/r0["image"]), "question": r0["question"],
+                    "reference": r0["reference"], "answers": ans})
     return out
 
-# %% ../nbs/17_gallery.ipynb 13
-def _printable(text) -> str:
-    "`text` with control and unassigned characters (common in an untrained model's output) shown as '¤'."
-    import unicodedata
-    return "".join(" " if c.isspace() else "¤" if unicodedata.category(c)[0] == "C" or c == "\ufffd" else c for c in str(text))
+# %% ../nbs/17_gallery.ipynb 21
+_SPACES = "\t\n\r\x0b\x0c"  # shown as a space; every other control character is escaped
+_ESCAPE = re.compile(r"\\x[0-9a-f]{2}|\\u[0-9a-f]{4}|\\U[0-9a-f]{8}|.", re.S)  # one character or one escape: never split
 
-def _wrap(text: str, width: int, max_lines: int) -> str:
-    "`text` wrapped to `width` characters, at most `max_lines` lines (shortened with '…')."
-    lines = textwrap.wrap(" ".join(_printable(text).split()), width) or [""]
-    if len(lines) > max_lines: lines = lines[:max_lines]; lines[-1] = lines[-1][:max(0, width - 1)] + "…"
+@functools.lru_cache(maxsize=None)
+def _font(family: str):
+    "matplotlib's FT2Font of `family`, sized 100 pixels per em."
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+    f = FT2Font(font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False))
+    f.set_size(100, 72)
+    return f
+
+@functools.lru_cache(maxsize=None)
+def font_codepoints(family: str = "DejaVu Sans") -> frozenset:
+    "The code points matplotlib's font `family` has a glyph for."
+    return frozenset(_font(family).get_charmap())
+
+@functools.lru_cache(maxsize=1 << 16)
+def _advance(c: str, family: str = "DejaVu Sans") -> float:
+    from matplotlib.ft2font import LoadFlags
+    return _font(family).load_char(ord(c), flags=LoadFlags.NO_HINTING).linearHoriAdvance / 65536 / 100
+
+def text_width(s: str,  # text to measure (one line, characters the font has)
+               family: str = "DejaVu Sans",  # font
+              ) -> float:
+    "How wide `s` is drawn, in average characters of English text (0.6 em; 'n' is 1.06, 'W' 1.65, 'i' 0.46)."
+    return sum(_advance(c, family) for c in s) / 0.6
+
+def _escape_char(c: str) -> str:
+    o = ord(c)
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+def visible_text(text,  # anything; e.g. an untrained model's answer
+                 max_chars: int | None = 2000,  # cut the raw text to this many characters first ('…' marks the cut)
+                 family: str = "DejaVu Sans",  # the font the text is drawn with
+                ) -> str:
+    "`text` safe to draw: invisible, unassigned, combining and undrawable characters as escapes (`\\x03`, `\\u200b`)."
+    s = str(text)
+    if max_chars is not None and len(s) > max_chars: s = s[:max_chars] + "…"
+    s = unicodedata.normalize("NFC", s)  # é, not e + a combining acute
+    have, out = font_codepoints(family), []
+    for c in s:
+        cat = unicodedata.category(c)
+        if c in _SPACES or cat[0] == "Z": out.append(" ")
+        elif cat[0] in "CM" or c == "\ufffd" or ord(c) not in have: out.append(_escape_char(c))
+        else: out.append(c)
+    return "".join(out)
+
+# %% ../nbs/17_gallery.ipynb 24
+def _cut(line: str, width: float) -> str:
+    "`line`'s leading characters and escapes that fit `width`."
+    out = ""
+    for u in _ESCAPE.findall(line):
+        if text_width(out + u) > width: break
+        out += u
+    return out
+
+def _wrap(text, width: float, max_lines: int) -> str:
+    "`text` made visible and wrapped to `width` (`text_width`; long words broken, never inside an escape), at most `max_lines` lines ('…' when shortened)."
+    lines, line, w = [], "", text_width
+    for word in visible_text(text, max_chars=int(8 * width * max_lines)).split(" "):
+        if not word: continue
+        if line and w(line + " " + word) <= width: line += " " + word
+        elif w(word) <= width:
+            if line: lines.append(line)
+            line = word
+        else:  # longer than a line: broken between characters / escapes, from the current line on
+            line += " " if line else ""
+            for u in _ESCAPE.findall(word):
+                if w(line + u) > width and line.strip(): lines.append(line.rstrip()); line = ""
+                line += u
+    lines.append(line)
+    if len(lines) > max_lines: lines = lines[:max_lines]; lines[-1] = _cut(lines[-1], width - w("…")) + "…"
     return "\n".join(lines)
 
-# %% ../nbs/17_gallery.ipynb 14
+# %% ../nbs/17_gallery.ipynb 27
 def plot_gallery(items: Sequence[dict],  # from `gallery_items`
                  out_png=None,  # save here (PNG) when given
                  ncols: int = 4,  # items per row
-                 width: int = 34,  # characters per text line
+                 width: float = 34,  # text line width, in average characters (see `text_width`)
                  max_lines: int = 3,  # lines per text field before shortening
                  title: str | None = None,  # figure title
                 ):
@@ -103,15 +201,16 @@ def plot_gallery(items: Sequence[dict],  # from `gallery_items`
     for k, it in enumerate(items):
         r, c = divmod(k, ncols)
         ax = fig.add_subplot(gs[2 * r, c]); ax.imshow(thumbnail(it["image"])); ax.set_axis_off()
-        ax.set_title(it["id"], fontsize=8, color="0.4")
+        head = visible_text(f"{it['id']}" + (f" · {it['kind']}" if it.get("kind") and it["kind"] not in it["id"] else ""), 60)
+        ax.set_title(head, fontsize=8, color="0.4", fontfamily="DejaVu Sans", parse_math=False)
         tx = fig.add_subplot(gs[2 * r + 1, c]); tx.set_axis_off()
         down = 0.0  # points below the top of the text area
         def put(label, text, color="black", mark=""):
             nonlocal down
-            s = _wrap(f"{label}: {text}", width - len(mark), max_lines)
+            s = _wrap(f"{label}: {text}", width - text_width(mark), max_lines)
             tr = offset_copy(tx.transAxes, fig=fig, y=-down, units="points")
             tx.text(0.0, 1.0, f"{s}{mark}", fontsize=fs, va="top", ha="left", color=color, transform=tr,
-                    fontfamily="DejaVu Sans", linespacing=1.15)
+                    fontfamily="DejaVu Sans", linespacing=1.15, parse_math=False)  # '$' is a dollar sign, not mathtext
             down += line_pt * (s.count("\n") + 1) + gap_pt
         put("Q", it["question"], "0.15")
         put("Ref", it["reference"], "navy")
@@ -122,7 +221,51 @@ def plot_gallery(items: Sequence[dict],  # from `gallery_items`
     if out_png is not None: save_figure(fig, out_png)
     return fig
 
-# %% ../nbs/17_gallery.ipynb 19
+# %% ../nbs/17_gallery.ipynb 34
+def class_names(labels: Sequence[str],  # class labels (e.g. CRC codes)
+                names: bool | dict = True,  # True: CRC codes as their names; a dict: label -> name; False: the labels
+               ) -> list[str]:
+    "Display names of class `labels` (labels the mapping lacks, like 'unparsed', stay as they are)."
+    m = CRC_CLASSES if names is True else dict(names) if names else {}
+    return [str(m.get(l, l)) for l in labels]
+
+def _confusion(cm, labels=None, columns=None, task="crc"):
+    "(matrix, labels, columns, run name) from a matrix, a classification metrics dict or a run directory."
+    import numpy as np
+    name = ""
+    if isinstance(cm, (str, Path)):
+        m, _ = read_scored(cm)
+        if task not in m["tasks"]: raise PathinsightError(f"{cm}: run has no {task!r} task")
+        name, cm = m.get("run", Path(cm).name), m["tasks"][task]
+    if isinstance(cm, dict): labels, columns, cm = cm["labels"], cm["confusion_columns"], cm["confusion"]
+    a = np.asarray(cm, dtype=float)
+    labels = list(labels) if labels is not None else [str(i) for i in range(a.shape[0])]
+    if columns is None: columns = labels + (["unparsed"] if a.shape[1] == len(labels) + 1 else [])
+    if a.shape != (len(labels), len(columns)): raise PathinsightError(f"confusion matrix shape {a.shape} does not match {len(labels)} x {len(columns)} labels")
+    return a, labels, list(columns), name
+
+def _draw_confusion(ax, a, labels, columns, normalize, vmax, names, ylabels=True):
+    "One confusion heatmap on `ax`, counts in the cells; its image."
+    import numpy as np
+    frac = a / np.maximum(a.sum(1, keepdims=True), 1) if normalize else a
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=vmax, aspect="auto")
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            if a[i, j]: ax.text(j, i, f"{int(a[i, j])}", ha="center", va="center", fontsize=8,
+                                color="white" if frac[i, j] > 0.6 * vmax else "black")
+    ax.set_xticks(range(len(columns)), class_names(columns, names), rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
+    ax.set_yticks(range(len(labels)), class_names(labels, names) if ylabels else [], fontsize=8)
+    if len(columns) == len(labels) + 1: ax.axvline(len(labels) - 0.5, color="0.3", lw=1)
+    ax.set_xlabel("predicted")
+    if ylabels: ax.set_ylabel("reference")
+    return im
+
+def _confusion_size(labels, columns, names, panels=1):
+    "A figure size (inches) that fits the matrices and their tick labels."
+    long = max(map(len, class_names(list(labels) + list(columns), names)), default=4)
+    return (panels * (0.42 * len(columns) + 0.4) + 0.065 * long + 1.6, 0.36 * len(labels) + 0.045 * long + 1.4)
+
+# %% ../nbs/17_gallery.ipynb 35
 def plot_confusion(cm,  # matrix (rows: reference), a classification metrics dict, or a run directory
                    labels: Sequence[str] | None = None,  # row labels (taken from the metrics when given)
                    columns: Sequence[str] | None = None,  # column labels (default: labels, plus 'unparsed' if one more column)
@@ -130,36 +273,47 @@ def plot_confusion(cm,  # matrix (rows: reference), a classification metrics dic
                    normalize: bool = True,  # colour by row fraction (counts are still written)
                    title: str = "",  # figure title
                    task: str = "crc",  # task kind when `cm` is a run directory
+                   names: bool | dict = True,  # tick labels: CRC codes as class names (True), a {label: name} dict, or the labels (False)
                   ):
     "A heatmap of a confusion matrix with counts in the cells."
-    import numpy as np
-    if isinstance(cm, (str, Path)):
-        m, _ = read_scored(cm)
-        if task not in m["tasks"]: raise PathinsightError(f"{cm}: run has no {task!r} task")
-        title = title or f"{m.get('run', '')}: {task}"
-        cm = m["tasks"][task]
-    if isinstance(cm, dict): labels, columns, cm = cm["labels"], cm["confusion_columns"], cm["confusion"]
-    a = np.asarray(cm, dtype=float)
-    labels = list(labels) if labels is not None else [str(i) for i in range(a.shape[0])]
-    if columns is None: columns = labels + (["unparsed"] if a.shape[1] == len(labels) + 1 else [])
-    if a.shape != (len(labels), len(columns)): raise PathinsightError(f"confusion matrix shape {a.shape} does not match {len(labels)} x {len(columns)} labels")
-    frac = a / np.maximum(a.sum(1, keepdims=True), 1) if normalize else a
-    fig = new_figure(figsize=(0.55 * len(columns) + 2.2, 0.5 * len(labels) + 1.6)); ax = fig.subplots()
-    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1 if normalize else max(a.max(), 1), aspect="auto")
-    for i in range(a.shape[0]):
-        for j in range(a.shape[1]):
-            if a[i, j]: ax.text(j, i, f"{int(a[i, j])}", ha="center", va="center", fontsize=8,
-                                color="white" if frac[i, j] > 0.6 * (1 if normalize else a.max()) else "black")
-    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    if len(columns) == len(labels) + 1: ax.axvline(len(labels) - 0.5, color="0.3", lw=1)
-    ax.set_xlabel("predicted"); ax.set_ylabel("reference")
-    fig.colorbar(im, ax=ax, fraction=0.04, label="fraction of row" if normalize else "count")
+    a, labels, columns, run = _confusion(cm, labels, columns, task)
+    fig = new_figure(figsize=_confusion_size(labels, columns, names), layout="constrained"); ax = fig.subplots()
+    im = _draw_confusion(ax, a, labels, columns, normalize, 1 if normalize else max(a.max(), 1), names)
+    fig.colorbar(im, ax=ax, fraction=0.05, label="fraction of row" if normalize else "count")
+    title = title or (f"{run}: {task}" if run else "")
     if title: ax.set_title(title, fontsize=10)
     if out_png is not None: save_figure(fig, out_png)
     return fig
 
-# %% ../nbs/17_gallery.ipynb 22
+# %% ../nbs/17_gallery.ipynb 37
+def plot_confusions(runs,  # run directories (one panel each, e.g. base then tuned), or {panel title: run directory or metrics dict}
+                    out_png=None,  # save here (PNG) when given
+                    normalize: bool = True,  # colour by row fraction (counts are still written)
+                    title: str = "",  # figure title (default: the task)
+                    task: str = "crc",  # task kind to draw
+                    names: bool | dict = True,  # tick labels: CRC codes as class names (True), a {label: name} dict, or the labels (False)
+                   ):
+    "Confusion matrices of several runs side by side, on one colour scale, each panel titled by its run."
+    if isinstance(runs, (str, Path)): runs = [runs]
+    runs = list(runs.items()) if isinstance(runs, dict) else [(None, r) for r in runs]
+    if not runs: raise PathinsightError("no runs to draw")
+    mats = []
+    for t, r in runs:
+        a, labels, columns, run = _confusion(r, task=task)
+        mats.append((a, labels, columns, t or run or (Path(r).name if isinstance(r, (str, Path)) else "")))
+    vmax = 1 if normalize else max(max(m[0].max() for m in mats), 1)
+    _, labels0, cols0, _ = mats[0]
+    fig = new_figure(figsize=_confusion_size(labels0, cols0, names, len(mats)), layout="constrained")
+    axs = fig.subplots(1, len(mats), squeeze=False)[0]
+    for k, (ax, (a, labels, columns, name)) in enumerate(zip(axs, mats)):
+        im = _draw_confusion(ax, a, labels, columns, normalize, vmax, names, ylabels=k == 0 or labels != labels0)
+        ax.set_title(name, fontsize=10)
+    fig.colorbar(im, ax=list(axs), fraction=0.04 / len(mats) ** 0.5, label="fraction of row" if normalize else "count")
+    fig.suptitle(title or f"confusion matrices: {task}", fontsize=11)
+    if out_png is not None: save_figure(fig, out_png)
+    return fig
+
+# %% ../nbs/17_gallery.ipynb 40
 def read_loss_csv(path) -> dict[str, list]:
     "Columns step, loss and (if present) eval_loss of a training log CSV, as lists (None for empty cells)."
     path = Path(path)
@@ -181,27 +335,28 @@ def read_loss_csv(path) -> dict[str, list]:
 
 def plot_training_curve(logs,  # a loss CSV path, or {run name: CSV path} to overlay several runs
                         out_png=None,  # save here (PNG) when given
-                        title: str = "training loss",  # figure title
+                        title: str = "",  # figure title ('' = "training loss", or "training and validation loss")
                         logy: bool = False,  # log-scale loss axis
                        ):
-    "Training (and evaluation) loss against step from loss CSV(s)."
+    "Training loss (solid) and validation loss (dashed, markers) against step, one colour per run."
     if not isinstance(logs, dict): logs = {Path(logs).stem: logs}
     fig = new_figure(figsize=(6, 3.6)); ax = fig.subplots()
+    any_eval = False
     for k, (name, p) in enumerate(logs.items()):
         d = read_loss_csv(p)
         col = f"C{k}"
-        xs = [s for s, l in zip(d["step"], d["loss"]) if l is not None]
-        ax.plot(xs, [l for l in d["loss"] if l is not None], color=col, lw=1.2, label=f"{name} train")
-        if "eval_loss" in d:
-            ev = [(s, l) for s, l in zip(d["step"], d["eval_loss"]) if l is not None]
-            if ev: ax.plot(*zip(*ev), color=col, ls="--", marker="o", ms=3, label=f"{name} eval")
-    ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.set_title(title)
+        tr = [(s, l) for s, l in zip(d["step"], d["loss"]) if l is not None]
+        if tr: ax.plot(*zip(*tr), color=col, lw=1.3, ls="-", label=f"{name} train")
+        ev = [(s, l) for s, l in zip(d["step"], d.get("eval_loss", [])) if l is not None]
+        if ev: ax.plot(*zip(*ev), color=col, lw=1.3, ls="--", marker="o", ms=4, label=f"{name} validation"); any_eval = True
+    ax.set_xlabel("step"); ax.set_ylabel("loss")
+    ax.set_title(title or ("training and validation loss" if any_eval else "training loss"))
     if logy: ax.set_yscale("log")
     ax.grid(alpha=0.3); ax.legend(fontsize=8)
     if out_png is not None: save_figure(fig, out_png)
     return fig
 
-# %% ../nbs/17_gallery.ipynb 25
+# %% ../nbs/17_gallery.ipynb 45
 RATINGS = ("correctness", "honesty")
 SHEET_COLUMNS = ["item", "question", "reference", "answer_a", "answer_b",
                  "correctness_a", "honesty_a", "correctness_b", "honesty_b", "comment"]
@@ -211,7 +366,7 @@ def _thumb_b64(path, size: int) -> str:
     b = io.BytesIO(); im.save(b, format="JPEG", quality=85)
     return base64.b64encode(b.getvalue()).decode()
 
-# %% ../nbs/17_gallery.ipynb 26
+# %% ../nbs/17_gallery.ipynb 46
 def make_review_sheet(run_a,  # first scored run directory (e.g. base)
                       run_b,  # second scored run directory (e.g. tuned)
                       out_dir,  # writes sheet.html, sheet.csv and key.json here
@@ -250,7 +405,7 @@ def make_review_sheet(run_a,  # first scored run directory (e.g. base)
     write_json(out/"key.json", key)
     return key
 
-# %% ../nbs/17_gallery.ipynb 27
+# %% ../nbs/17_gallery.ipynb 47
 def _sheet_html(items, sheet_id, show_reference) -> str:
     e = html.escape
     head = ("<!doctype html><html><head><meta charset='utf-8'><title>pathinsight review sheet</title><style>"
@@ -270,7 +425,7 @@ def _sheet_html(items, sheet_id, show_reference) -> str:
                     f"<td>{e(str(row['answer_a']))}</td><td>{e(str(row['answer_b']))}</td>" + "<td></td>" * 4 + "</tr>")
     return head + "".join(body) + "</table></body></html>\n"
 
-# %% ../nbs/17_gallery.ipynb 30
+# %% ../nbs/17_gallery.ipynb 50
 def _rating(v, path, item, col):
     v = (v or "").strip()
     if not v: return None
@@ -280,7 +435,7 @@ def _rating(v, path, item, col):
         raise PathinsightError(f"{path}: item {item}: {col} must be an integer 1-5, got {v!r}")
     return x
 
-# %% ../nbs/17_gallery.ipynb 31
+# %% ../nbs/17_gallery.ipynb 51
 def aggregate_reviews(sheets,  # filled sheet.csv path(s), one per rater
                       key,  # key.json path (or the key dict)
                      ) -> dict:
@@ -324,24 +479,26 @@ def aggregate_reviews(sheets,  # filled sheet.csv path(s), one per rater
                           "wins": wins[n], "win_rate": wins[n] / compared if compared else None}
     return res
 
-# %% ../nbs/17_gallery.ipynb 35
+# %% ../nbs/17_gallery.ipynb 55
 def gallery_cmd(run_dirs: list,  # scored run directories (e.g. base then tuned)
                 out: str = "figures",  # output directory for the PNGs
                 n: int = 8,  # items in the grid
                 seed: int = 0,  # selection seed
                 kinds: list | None = None,  # task kinds to show (crc, pcam, caption, vqa, ...); default all
+                stratify: bool = True,  # spread the grid over task kinds and classes
                ) -> list[str]:
     "Draw the example grid and the confusion matrices of scored runs as PNGs."
     if isinstance(run_dirs, (str, Path)): run_dirs = [run_dirs]
     out = Path(out); written = []
-    items = gallery_items(run_dirs, n=n, seed=seed, kinds=kinds)
-    names = [read_scored(d)[0].get("run", Path(d).name) for d in run_dirs]
+    items = gallery_items(run_dirs, n=n, seed=seed, kinds=kinds, stratify=stratify)
+    metrics = [read_scored(d)[0] for d in run_dirs]
+    names = [m.get("run", Path(d).name) for m, d in zip(metrics, run_dirs)]
     plot_gallery(items, out/"gallery.png", title=" vs ".join(names)); written.append(str(out/"gallery.png"))
-    for d, nm in zip(run_dirs, names):
-        for task in ("crc", "pcam", "classify"):
-            if task in read_scored(d)[0]["tasks"]:
-                p = out/f"confusion_{Path(d).name}_{task}.png"
-                plot_confusion(d, out_png=p, task=task); written.append(str(p))
+    for task in CLASS_KINDS:
+        runs = {nm: d for m, nm, d in zip(metrics, names, run_dirs) if task in m["tasks"]}
+        if runs:
+            p = out/f"confusion_{task}.png"
+            plot_confusions(runs, out_png=p, task=task, title=f"{task}: " + " vs ".join(runs)); written.append(str(p))
     for w in written: print(w)
     return written
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_models.ipynb 3
 from __future__ import annotations
-import contextlib, json, os
+import contextlib, inspect, json, os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -78,13 +78,14 @@ class Family:
         return m
 
 # %% ../nbs/11_models.ipynb 11
-def _tiny_llava(tok, image_size=64, hidden=32, layers=2, patch=8):
+def _tiny_llava(tok, image_size=64, hidden=32, layers=2, patch=8, vision_hidden=None, vision_layers=None):
     from transformers import (LlavaConfig, CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration,
                               CLIPImageProcessor, LlavaProcessor)
     n_img = (image_size // patch) ** 2
+    vh, vl = vision_hidden or hidden, vision_layers or layers  # the projector maps the vision width to the LM's
     cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                                       num_attention_heads=2, image_size=image_size, patch_size=patch, projection_dim=hidden),
+        vision_config=CLIPVisionConfig(hidden_size=vh, intermediate_size=vh * 2, num_hidden_layers=vl,
+                                       num_attention_heads=2, image_size=image_size, patch_size=patch, projection_dim=vh),
         text_config=LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
                                 pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
@@ -97,16 +98,17 @@ def _tiny_llava(tok, image_size=64, hidden=32, layers=2, patch=8):
     return model, proc
 
 # %% ../nbs/11_models.ipynb 12
-def _tiny_qwen2vl(tok, image_size=64, hidden=32, layers=2, patch=8, v25=False):
+def _tiny_qwen2vl(tok, image_size=64, hidden=32, layers=2, patch=8, v25=False, vision_hidden=None, vision_layers=None):
     import transformers as tf
     heads = 2; head_dim = hidden // heads
+    vh, vl = vision_hidden or hidden, vision_layers or layers  # the merger maps the vision width to the LM's
     q = head_dim // 2; mrope = [q - 2 * (q // 3), q // 3, q // 3]  # sums to head_dim/2
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in dict(image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
            vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>").items()}
     pre = "Qwen2_5_VL" if v25 else "Qwen2VL"
-    vis = dict(depth=layers, embed_dim=hidden, hidden_size=hidden, num_heads=heads, patch_size=patch, spatial_merge_size=2,
+    vis = dict(depth=vl, embed_dim=vh, hidden_size=vh if v25 else hidden, num_heads=heads, patch_size=patch, spatial_merge_size=2,
                temporal_patch_size=2, in_channels=3)
-    if v25: vis.update(intermediate_size=hidden * 2, out_hidden_size=hidden, fullatt_block_indexes=[layers - 1], window_size=image_size)
+    if v25: vis.update(intermediate_size=vh * 2, out_hidden_size=hidden, fullatt_block_indexes=[vl - 1], window_size=image_size)
     else: vis.update(mlp_ratio=2)
     txt = getattr(tf, f"{pre}TextConfig")(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                  num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
@@ -123,12 +125,13 @@ def _tiny_qwen2vl(tok, image_size=64, hidden=32, layers=2, patch=8, v25=False):
     return model, proc
 
 # %% ../nbs/11_models.ipynb 13
-def _tiny_internvl(tok, image_size=64, hidden=32, layers=2, patch=8):
+def _tiny_internvl(tok, image_size=64, hidden=32, layers=2, patch=8, vision_hidden=None, vision_layers=None):
     import transformers as tf
     n_img = (image_size // patch) ** 2 // 4  # downsample_ratio 0.5 -> a quarter of the patches
+    vh, vl = vision_hidden or hidden, vision_layers or layers  # the projector maps the vision width to the LM's
     cfg = tf.InternVLConfig(
-        vision_config=tf.InternVLVisionConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                                              intermediate_size=hidden * 2, image_size=[image_size, image_size], patch_size=[patch, patch]),
+        vision_config=tf.InternVLVisionConfig(hidden_size=vh, num_hidden_layers=vl, num_attention_heads=2,
+                                              intermediate_size=vh * 2, image_size=[image_size, image_size], patch_size=[patch, patch]),
         text_config=tf.Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
                                    pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -236,7 +239,9 @@ def tiny_model(family: str = "llava",  # family name (see `FAMILIES`)
                hidden: int = 32,  # hidden size of LM and vision tower
                layers: int = 2,  # layers of LM and vision tower
                patch: int | None = None,  # vision patch size (default: the family's `tiny_patch`)
-               seed: int = 0):  # seed for the random weights
+               seed: int = 0,  # seed for the random weights
+               vision_hidden: int | None = None,  # hidden size of the vision tower alone (default: `hidden`; llava)
+               vision_layers: int | None = None):  # layers of the vision tower alone (default: `layers`; llava)
     "A tiny random (model, processor) of `family`, built offline from configs."
     import torch
     fam = get_family(family)
@@ -245,7 +250,11 @@ def tiny_model(family: str = "llava",  # family name (see `FAMILIES`)
     if fam.tiny is None: raise PathinsightError(f"family {fam.name!r} has no tiny config")
     tok = tiny_tokenizer(fam, texts)
     torch.manual_seed(seed)
-    model, proc = fam.tiny(tok, image_size=image_size, hidden=hidden, layers=layers, patch=patch or fam.tiny_patch)
+    vision = {k: v for k, v in (("vision_hidden", vision_hidden), ("vision_layers", vision_layers)) if v}
+    params = inspect.signature(fam.tiny).parameters
+    if vision and "vision_hidden" not in params and not any(q.kind == q.VAR_KEYWORD for q in params.values()):
+        raise PathinsightError(f"family {fam.name!r}: its tiny builder has no separate vision tower size (vision_hidden / vision_layers)")
+    model, proc = fam.tiny(tok, image_size=image_size, hidden=hidden, layers=layers, patch=patch or fam.tiny_patch, **vision)
     gc = model.generation_config
     gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = tok.eos_token_id, tok.pad_token_id, tok.bos_token_id
     model.eval()

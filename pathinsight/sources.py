@@ -8,15 +8,15 @@ import csv, json, re
 from pathlib import Path
 from typing import Iterable, Iterator
 from .core import (CRC_CLASSES, LABEL_SETS, PCAM_CLASSES, PathinsightError, Record, Rejection, make_options,
-                              option_answers, rng_for)
+                              option_answers, pcam_paths, rng_for)
 from .images import IMAGE_EXTS
 
 # %% auto 0
 __all__ = ['PATHOLOGY_KEYWORDS', 'BLADDER_DIAGNOSES', 'PATHMMU_SUBSETS', 'PATHMMU_SPLITS', 'LOADERS', 'IMAGE_LOCATIONS',
-           'split_results', 'only_records', 'load_crc', 'pcam_paths', 'balanced_indices', 'load_pcam', 'write_pcam_h5',
-           'answer_type', 'official_split', 'load_pathvqa', 'is_pathology', 'load_llava_med', 'clean_tweet',
-           'load_openpath', 'bladder_diagnosis', 'load_bladder', 'pathmmu_options', 'pathmmu_gold', 'load_pathmmu',
-           'load_quilt_vqa', 'load_records_jsonl', 'load_source']
+           'split_results', 'only_records', 'load_crc', 'balanced_indices', 'load_pcam', 'write_pcam_h5', 'answer_type',
+           'official_split', 'load_pathvqa', 'is_pathology', 'load_llava_med', 'clean_tweet', 'load_openpath',
+           'bladder_diagnosis', 'load_bladder', 'pathmmu_options', 'pathmmu_gold', 'load_pathmmu', 'load_quilt_vqa',
+           'load_records_jsonl', 'load_source']
 
 # %% ../nbs/05_sources.ipynb 6
 def split_results(items: Iterable,  # records and rejections, as yielded by a loader
@@ -80,16 +80,6 @@ def load_crc(root,  # folder holding one sub-folder per class code
                          group=m.group(1) if m else f.stem, provenance=f"{d.name}/{f.name}")
 
 # %% ../nbs/05_sources.ipynb 13
-def pcam_paths(root,  # a folder with the PCam h5 files, or the `_x.h5` file itself
-               split: str = "train",  # train | valid | test (when `root` is a folder)
-              ) -> tuple[Path, Path, Path]:
-    "The (x, y, meta.csv) paths of one PCam split."
-    root = Path(root)
-    if root.suffix == ".h5": x = root
-    else: x = root/f"camelyonpatch_level_2_split_{split}_x.h5"
-    y = x.with_name(x.name.replace("_x.h5", "_y.h5"))
-    return x, y, x.with_name(x.name.replace("_x.h5", "_meta.csv"))
-
 def _h5_dataset(path, key):
     import h5py
     try: f = h5py.File(_need(path, "PCam h5 file"), "r")

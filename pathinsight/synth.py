@@ -4,209 +4,630 @@
 
 # %% ../nbs/03_synth.ipynb 3
 from __future__ import annotations
-import math
-from dataclasses import dataclass
+import csv, math
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from .core import (CRC_CLASSES, PathinsightError, rng_for, atomic_dir, write_jsonl, write_json,
-                              progress, stable_hash)
+                              pcam_paths, progress, stable_hash)
 
 # %% auto 0
-__all__ = ['OD_H', 'OD_E', 'MORPHOLOGY', 'render_stains', 'smooth_field', 'draw_nuclei', 'synth_tile_attrs', 'synth_tile',
-           'synth_caption', 'synth_questions', 'SynthConfig', 'write_synth', 'tile_features', 'synth_cmd']
+__all__ = ['OD_H', 'OD_E', 'MORPHOLOGY', 'QUESTIONS', 'PCAM_FOV', 'Stain', 'patient_stain', 'render_stains', 'smooth_field',
+           'Scene', 'as_float', 'shapes', 'fill', 'draw_nuclei', 'chromatin', 'points_grid', 'fibre_field', 'blob',
+           'synth_tile_attrs', 'synth_tile', 'synth_caption', 'synth_questions', 'synth_pcam_patch', 'write_synth_pcam',
+           'SynthConfig', 'write_synth', 'mean_colour', 'texture_features', 'tile_features', 'synth_cmd']
 
 # %% ../nbs/03_synth.ipynb 6
 OD_H = np.array([0.650, 0.704, 0.286])  # hematoxylin optical density per RGB channel
 OD_E = np.array([0.072, 0.990, 0.105])  # eosin optical density per RGB channel
 
+@dataclass
+class Stain:
+    "One slide's staining and scanning: stain colours, stain strengths, section thickness, glass colour."
+    od_h: np.ndarray = field(default_factory=lambda: OD_H.copy())  # hematoxylin optical density per RGB channel
+    od_e: np.ndarray = field(default_factory=lambda: OD_E.copy())  # eosin optical density per RGB channel
+    k_h: float = 1.0  # hematoxylin strength
+    k_e: float = 1.0  # eosin strength
+    thick: float = 1.0  # section thickness (scales both stains)
+    white: tuple = (255.0, 255.0, 255.0)  # colour of empty glass (0-255 per channel)
+
+def patient_stain(seed: int = 0,  # dataset seed
+                  patient: int = 0,  # synthetic patient (slide) number
+                  spread: float = 0.5,  # scale of the variation (0: the same stain for every patient)
+                 ) -> Stain:
+    "The stain of one synthetic patient's slide: perturbed dye hues and strengths, thickness and glass colour."
+    r = np.random.default_rng(stable_hash("synth-stain", seed, patient))
+    h = OD_H*np.exp(r.normal(0, 0.18*spread, 3))
+    e = OD_E*np.exp(r.normal(0, 0.15*spread, 3)) + np.array([0, 0, r.uniform(-0.02, 0.35)*spread])  # pink to red
+    k_h, k_e, thick = np.exp(r.normal(0, [0.45*spread, 0.45*spread, 0.35*spread]))
+    white = 250 - spread*r.uniform(0, 12) + spread*r.uniform(-3, 3, 3)
+    return Stain(h/np.linalg.norm(h)*np.linalg.norm(OD_H), e/np.linalg.norm(e)*np.linalg.norm(OD_E),
+                 float(k_h), float(k_e), float(thick), tuple(float(v) for v in white))
+
 def render_stains(H: np.ndarray,  # hematoxylin density map (h, w), ~0..2
                   E: np.ndarray,  # eosin density map (h, w), ~0..1.5
                   rng: np.random.Generator,  # noise source
                   noise: float = 3.0,  # std of per-pixel camera noise (0-255 scale)
+                  stain: Stain | None = None,  # the slide's stain (None: the reference stain on white glass)
+                  size: int | None = None,  # output side: the maps are rendered, then downsampled to it (antialiasing)
                  ) -> Image.Image:
-    "Render hematoxylin/eosin density maps to an RGB image (Beer–Lambert), with a per-tile stain jitter."
-    kh, ke = rng.uniform(0.85, 1.15, 2)
-    od = H[..., None]*OD_H*1.6*kh + E[..., None]*OD_E*ke
-    rgb = 255*np.exp(-od) + rng.normal(0, noise, od.shape)
-    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+    "Render hematoxylin/eosin density maps to an RGB image (Beer–Lambert), with a small per-tile stain jitter."
+    st = stain or Stain()
+    kh, ke, th = np.exp(rng.normal(0, [0.2, 0.2, 0.25]))*(st.k_h, st.k_e, st.thick)  # per-tile jitter around the slide's stain
+    H, E = np.asarray(H, np.float32)*np.float32(1.6*kh*th), np.asarray(E, np.float32)*np.float32(ke*th)
+    od = H[..., None]*st.od_h.astype(np.float32) + E[..., None]*st.od_e.astype(np.float32)
+    img = Image.fromarray(np.clip(np.asarray(st.white, np.float32)*np.exp(-od), 0, 255).astype(np.uint8), "RGB")
+    if size is not None and size != img.width: img = img.resize((size, size), Image.LANCZOS)
+    if noise <= 0: return img
+    a = np.asarray(img, dtype=np.float32) + rng.normal(0, noise, (img.height, img.width, 3)).astype(np.float32)
+    return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 # %% ../nbs/03_synth.ipynb 9
-def _ellipse(cx, cy, a, b, theta, rng, irregular=0.0, n=14):
-    "Polygon points of a rotated ellipse with radial jitter `irregular`."
-    t = np.linspace(0, 2*np.pi, n, endpoint=False)
-    r = 1 + irregular*rng.uniform(-1, 1, n)
-    x, y = a*np.cos(t)*r, b*np.sin(t)*r
-    c, s = math.cos(theta), math.sin(theta)
-    return [(cx + c*xi - s*yi, cy + s*xi + c*yi) for xi, yi in zip(x, y)]
+@lru_cache(maxsize=8)
+def _grid(R):
+    "Pixel row and column coordinates of an R x R image (float32)."
+    yy, xx = np.mgrid[0:R, 0:R].astype(np.float32)
+    return yy, xx
 
-def _canvas(size): return Image.new("L", (size, size), 0)
-
-def _to_float(img: Image.Image, blur: float = 0.0) -> np.ndarray:
-    if blur > 0: img = img.filter(ImageFilter.GaussianBlur(blur))
-    return np.asarray(img, dtype=np.float32)/255
-
-def smooth_field(size: int, rng: np.random.Generator, cells: int = 6, stretch: tuple = (1, 1)) -> np.ndarray:
+def smooth_field(size: int,  # side in pixels
+                 rng: np.random.Generator,  # noise source
+                 cells: int = 6,  # noise-grid cells across (larger: finer)
+                 stretch: tuple = (1, 1),  # stretch along x, y
+                ) -> np.ndarray:
     "A smooth random field in [0, 1] (noise grid of `cells` upsampled), optionally stretched along x/y."
     gx, gy = max(2, int(cells/stretch[0])), max(2, int(cells/stretch[1]))
     g = (rng.random((gy, gx))*255).astype(np.uint8)
-    return _to_float(Image.fromarray(g, "L").resize((size, size), Image.BICUBIC))
+    return np.asarray(Image.fromarray(g, "L").resize((size, size), Image.BICUBIC), dtype=np.float32)/255
 
-def draw_nuclei(size, rng, n, radius, elong=1.0, irregular=0.1, angle=None, angle_sd=0.2, value=255,
-                centers=None, canvas=None):
-    "Draw `n` nuclei (ellipses of mean `radius`, elongation `elong`) and return the canvas."
-    im = canvas or _canvas(size); d = ImageDraw.Draw(im)
-    for i in range(n):
-        cx, cy = centers[i] if centers is not None else rng.uniform(0, size, 2)
-        r = max(radius*rng.uniform(0.8, 1.25), 0.7)
-        th = rng.uniform(0, np.pi) if angle is None else angle + rng.normal(0, angle_sd)
-        v = int(value*rng.uniform(0.75, 1.0))
-        d.polygon(_ellipse(cx, cy, r*math.sqrt(elong), r/math.sqrt(elong), th, rng, irregular), fill=v)
-    return im
+def _sample(g, u, v):
+    "Bilinear lookup of grid `g` at float coordinates (u: column, v: row), wrapping around."
+    gh, gw = g.shape
+    u0, v0 = np.floor(u), np.floor(v)
+    fu, fv = u - u0, v - v0
+    u0, v0 = u0.astype(np.int64) % gw, v0.astype(np.int64) % gh
+    u1, v1 = (u0 + 1) % gw, (v0 + 1) % gh
+    return (g[v0, u0]*(1 - fu) + g[v0, u1]*fu)*(1 - fv) + (g[v1, u0]*(1 - fu) + g[v1, u1]*fu)*fv
+
+class Scene:
+    "Drawing state of one tile: render size, pixels per unit (0.5 µm), random source and a tally of drawn nuclei."
+    def __init__(self, R: int, rng: np.random.Generator, fov: float = 224.0):
+        self.R, self.rng, self.fov, self.u = R, rng, fov, R/fov
+        self.n_nuclei, self.nuc_area, self.n_fragments = 0, 0.0, 0
+
+    def canvas(self) -> Image.Image: return Image.new("L", (self.R, self.R), 0)
+    def field(self, cells=6, stretch=(1, 1)) -> np.ndarray: return smooth_field(self.R, self.rng, cells, stretch)
+    def grain(self, cell: float = 2.5) -> np.ndarray:
+        "Fine granular noise in [0, 1] with grains of about `cell` units."
+        n = max(4, int(self.fov/cell))
+        g = (self.rng.random((n, n))*255).astype(np.uint8)
+        return np.asarray(Image.fromarray(g, "L").resize((self.R, self.R), Image.BILINEAR), dtype=np.float32)/255
+    def inside(self, x, y): return (x >= 0) & (x < self.fov) & (y >= 0) & (y < self.fov)
+
+def as_float(img: Image.Image, blur: float = 0.0) -> np.ndarray:
+    "An L canvas as floats in [0, 1], optionally Gaussian-blurred (`blur` pixels)."
+    if blur > 0: img = img.filter(ImageFilter.GaussianBlur(blur))
+    return np.asarray(img, dtype=np.float32)/255
 
 # %% ../nbs/03_synth.ipynb 12
-def _density_word(n_nuclei, size):
-    per = n_nuclei
-    return "high" if per > 250 else "moderate" if per > 60 else "low"
+@lru_cache(maxsize=32)
+def _basis(p, n):
+    "Angles and unit super-ellipse of exponent `p` at `n` vertices."
+    t = np.linspace(0, 2*np.pi, n, endpoint=False)
+    ct, st = np.cos(t), np.sin(t)
+    return t, np.sign(ct)*np.abs(ct)**(2/p), np.sign(st)*np.abs(st)**(2/p)
 
-def _adi(S, rng, s):
-    k = int(rng.uniform(14, 24))
-    c = rng.uniform(0, S, (k, 2)); yy, xx = np.mgrid[0:S, 0:S]
-    d = np.sort(np.sqrt((xx[..., None] - c[:, 0])**2 + (yy[..., None] - c[:, 1])**2), axis=-1)
-    E = np.clip(1 - (d[..., 1] - d[..., 0])/max(2.2*s, 1.2), 0, 1)*0.75
-    n = int(rng.integers(3, 8))
-    H = _to_float(draw_nuclei(S, rng, n, 3*s, elong=5, irregular=0.05), 0.5*s)*0.8
-    return H, E.astype(np.float32), {"density": "low", "nuclear_size": "small"}
+def shapes(x, y, a, b, theta,  # centres, semi-axes and rotations (arrays of k)
+           rng: np.random.Generator,  # source of the bumps
+           irregular: float = 0.0,  # size of the smooth radial bumps (0: exact shapes)
+           p: float = 2.0,  # super-ellipse exponent: 2 ellipse, > 2 blunt, < 2 pointed
+           n: int = 12,  # vertices per shape
+          ) -> np.ndarray:
+    "Vertices (k, n, 2) of k rotated super-ellipses with smooth random bumps."
+    k = len(x)
+    t, ex, ey = _basis(p, n)
+    r = np.ones((k, n))
+    if irregular:
+        for f in (2, 3, 5):
+            r = r + irregular/f**0.5*rng.uniform(-1, 1, (k, 1))*np.cos(f*t + rng.uniform(0, 2*np.pi, (k, 1)))
+    X, Y = np.asarray(a)[:, None]*ex*r, np.asarray(b)[:, None]*ey*r
+    c, s = np.cos(theta)[:, None], np.sin(theta)[:, None]
+    return np.stack([x[:, None] + c*X - s*Y, y[:, None] + s*X + c*Y], -1)
 
-def _back(S, rng, s):
-    E = smooth_field(S, rng, 3)*0.05
-    H = _to_float(draw_nuclei(S, rng, int(rng.integers(0, 4)), 1.2*s), 0.6*s)*0.3
-    return H, E, {"density": "none", "nuclear_size": "none"}
+def fill(img: Image.Image, polys: np.ndarray, values) -> Image.Image:
+    "Fill each polygon of `polys` (k, n, 2) on `img` with its value (0-255)."
+    d = ImageDraw.Draw(img)
+    for pts, v in zip(polys.reshape(len(polys), -1).tolist(), np.broadcast_to(values, (len(polys),)).tolist()): d.polygon(pts, fill=int(v))
+    return img
 
-def _deb(S, rng, s):
-    E = 0.25 + 0.45*smooth_field(S, rng, 8)
-    n = int(rng.uniform(150, 260))
-    im = draw_nuclei(S, rng, n, 1.6*s, irregular=0.5)
-    draw_nuclei(S, rng, n//5, 3*s, canvas=im)
-    H = _to_float(im, 0.4*s)*1.0
-    return H, E, {"density": "moderate", "nuclear_size": "small"}
+def draw_nuclei(sc: Scene,  # the scene (scale, random source, tally)
+                img: Image.Image,  # L canvas drawn on
+                x, y, a, b, theta,  # centres and semi-axes in units, rotations in radians (scalars or arrays)
+                value,  # darkness 0..1 (scalar or per nucleus)
+                irregular: float = 0.05,  # pleomorphism (smooth bumps)
+                p: float = 2.0,  # super-ellipse exponent
+                count: bool = True,  # add to the scene's tally of nuclei (False: fragments, dust, halos)
+               ) -> Image.Image:
+    "Draw nuclei on `img`; those counted and centred in view are tallied (number and area)."
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    a, b = np.broadcast_to(a, x.shape).astype(float), np.broadcast_to(b, x.shape).astype(float)
+    theta = np.broadcast_to(theta, x.shape).astype(float)
+    if count:
+        m = sc.inside(x, y)
+        sc.n_nuclei += int(m.sum()); sc.nuc_area += float((np.pi*a*b)[m].sum())
+    if len(x) == 0: return img
+    return fill(img, shapes(x*sc.u, y*sc.u, a*sc.u, b*sc.u, theta, sc.rng, irregular, p), np.clip(np.asarray(value)*255, 0, 255))
 
-def _lym(S, rng, s):
-    E = 0.18 + 0.12*smooth_field(S, rng, 5)
-    n = int(rng.uniform(420, 620))
-    H = _to_float(draw_nuclei(S, rng, n, 3.6*s, irregular=0.05), 0.4*s)*1.25
-    return H, E, {"density": _density_word(n, S), "nuclear_size": "small"}
+def chromatin(sc: Scene, img: Image.Image,
+              grain: float = 0.3,  # granularity of the chromatin (0: smooth)
+              rim: float = 0.0,  # vesicular look: darker membrane, paler centre (0: none)
+             ) -> np.ndarray:
+    "Hematoxylin density of drawn nuclei: antialiased, granular chromatin, optionally a darker nuclear membrane."
+    M = as_float(img, 0.6*sc.u)
+    H = M*(1 - grain + 2*grain*sc.grain(2.0))
+    if rim:
+        inner = as_float(img.filter(ImageFilter.MinFilter(3 if sc.u < 1.5 else 5)), 0.6*sc.u)
+        H = H*(1 - rim) + rim*np.clip(M - inner, 0, 1)*2.5 + rim*0.35*inner
+    return H
 
-def _muc(S, rng, s):
-    w = smooth_field(S, rng, 10, stretch=(rng.uniform(1, 3), 1))
-    H = np.clip((w - 0.45)*1.2, 0, None)*0.45 + 0.05
-    E = 0.06 + 0.08*smooth_field(S, rng, 4)
-    n = int(rng.integers(0, 6))
-    H = np.maximum(H, _to_float(draw_nuclei(S, rng, n, 3*s), 0.5*s)*0.8)
-    return H, E, {"density": "low", "nuclear_size": "small"}
+# %% ../nbs/03_synth.ipynb 15
+def points_grid(sc: Scene, spacing: float, jitter: float = 0.2, margin: float = 6.0):
+    "Jittered hexagonal packing of points (units) over the field and a `margin` around it."
+    r = sc.rng
+    ny, nx = int((sc.fov + 2*margin)/(spacing*0.866)) + 1, int((sc.fov + 2*margin)/spacing) + 1
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(float)
+    x, y = ((xx + 0.5*(yy % 2))*spacing - margin).ravel(), (yy*spacing*0.866 - margin).ravel()
+    return x + r.normal(0, jitter*spacing, x.size), y + r.normal(0, jitter*spacing, y.size)
 
-# %% ../nbs/03_synth.ipynb 13
-def _fibres(S, rng, angle, cells=12, stretch=6):
-    "Fibrous texture along `angle` (a field stretched along x, rotated)."
-    big = int(S*1.5)
-    f = smooth_field(big, rng, cells*2, stretch=(stretch, 1))
-    im = Image.fromarray((f*255).astype(np.uint8), "L").rotate(np.degrees(angle), resample=Image.BILINEAR)
-    o = (big - S)//2
-    return _to_float(im.crop((o, o, o + S, o + S)))
+def fibre_field(sc: Scene,
+                angle: float,  # fibre direction in radians (from image x towards image y, i.e. downwards)
+                width: float = 3.0,  # streak width (units)
+                length: float = 30.0,  # streak length (units)
+                wave: float = 0.0,  # waviness (0: straight)
+               ) -> np.ndarray:
+    "Fibrous texture in [0, 1]: streaks along `angle`, bent by `wave` (computed at half resolution, upsampled)."
+    r, h = sc.rng, (sc.R + 1)//2
+    yy, xx = _grid(h)
+    c, s = math.cos(angle), math.sin(angle)
+    along, across = (xx*c + yy*s)*(2/sc.u), (yy*c - xx*s)*(2/sc.u)
+    if wave: across = across + wave*10*_sample(r.normal(0, 1, (24, 24)), along/r.uniform(30, 50), across/60)
+    f = 0.65*_sample(r.random((256, 48)), along/length, across/width) + 0.35*_sample(r.random((512, 96)), along/(0.5*length), across/(0.5*width))
+    f = np.clip((f - 0.5)*2.2 + 0.5, 0, 1)
+    return np.asarray(Image.fromarray((f*255).astype(np.uint8), "L").resize((sc.R, sc.R), Image.BILINEAR), dtype=np.float32)/255
 
-def _mus(S, rng, s):
-    ang = rng.uniform(0, np.pi)
-    E = 0.55 + 0.4*_fibres(S, rng, ang)
-    n = int(rng.uniform(40, 70))
-    H = _to_float(draw_nuclei(S, rng, n, 4.5*s, elong=9, angle=-ang, angle_sd=0.08), 0.5*s)*0.95
-    return H, E, {"density": _density_word(n, S), "nuclear_size": "medium"}
+def blob(sc: Scene, cx: float, cy: float, radius: float,  # centre and radius (units)
+         rough: float = 0.25,  # irregularity of the outline
+         soft: float = 3.0,  # edge width (units)
+        ) -> np.ndarray:
+    "A soft irregular disc as a [0, 1] mask."
+    yy, xx = _grid(sc.R)
+    d = np.hypot(xx/sc.u - cx, yy/sc.u - cy)
+    rr = radius*(1 + rough*(sc.field(5) - 0.5)*2)
+    return np.clip((rr - d)/soft + 0.5, 0, 1)
 
-def _norm(S, rng, s):
-    E = 0.3 + 0.15*smooth_field(S, rng, 6)
-    Hc, G = _canvas(S), _canvas(S)
-    k = int(rng.uniform(3, 5))
-    n_total = 0
-    for cx, cy in rng.uniform(0.1*S, 0.9*S, (k, 2)):
-        R = rng.uniform(22, 32)*s
-        m = int(2*np.pi*R/(6*s))
-        t = np.linspace(0, 2*np.pi, m, endpoint=False) + rng.uniform(0, 1)
-        cen = np.stack([cx + R*np.cos(t), cy + R*np.sin(t)], 1)
-        for (x, y), ti in zip(cen, t):
-            draw_nuclei(S, rng, 1, 3*s, elong=2.2, irregular=0.03, angle=ti, angle_sd=0.05,
-                        centers=[(x, y)], canvas=Hc)
-        gob = np.stack([cx + (R - 6*s)*np.cos(t[::2] + 0.3), cy + (R - 6*s)*np.sin(t[::2] + 0.3)], 1)
-        ImageDraw.Draw(G).ellipse([cx - R + 9*s, cy - R + 9*s, cx + R - 9*s, cy + R - 9*s], fill=255)
-        for x, y in gob: ImageDraw.Draw(G).ellipse([x - 3.5*s, y - 3.5*s, x + 3.5*s, y + 3.5*s], fill=200)
-        n_total += m
-    H = _to_float(Hc, 0.4*s)*1.05
-    E = E*(1 - 0.85*_to_float(G, 0.8*s))
-    return H, E, {"density": _density_word(n_total, S), "nuclear_size": "small"}
+# %% ../nbs/03_synth.ipynb 18
+def _base_attrs(**kw) -> dict:
+    "The drawn-structure attributes of a tile (defaults: nothing drawn)."
+    return {"n_glands": 0, "gland_shape": "", "lumen": False, "goblet": False, "mucin": False, "necrosis": False,
+            "fibres": "", "orientation": "", "n_adipocytes": 0, "nuclear_shape": "", **kw}
 
-# %% ../nbs/03_synth.ipynb 14
-def _str(S, rng, s):
-    E = 0.3 + 0.35*_fibres(S, rng, rng.uniform(0, np.pi), cells=6, stretch=3)
-    n = int(rng.uniform(20, 45))
-    H = _to_float(draw_nuclei(S, rng, n, 4*s, elong=7), 0.5*s)*0.85
-    return H, E, {"density": _density_word(n, S), "nuclear_size": "medium"}
+def _fibre_angle(rng):
+    "A fibre direction (radians) and its word: within 12 degrees of horizontal, vertical or a diagonal."
+    w = ["horizontal", "vertical", "oblique"][int(rng.integers(3))]
+    base = {"horizontal": 0.0, "vertical": np.pi/2}.get(w, float(rng.choice([np.pi/4, 3*np.pi/4])))
+    return float(base + rng.uniform(-0.21, 0.21)) % np.pi, w
 
-def _tum(S, rng, s):
-    E = 0.3 + 0.2*smooth_field(S, rng, 6)
-    n = int(rng.uniform(180, 260))
-    im = draw_nuclei(S, rng, n, 7*s, elong=1.6, irregular=0.3)
-    H = _to_float(im, 0.6*s)*rng.uniform(0.8, 1.0)
-    H = H*(0.8 + 0.4*smooth_field(S, rng, 20))  # coarse chromatin
-    return H, E, {"density": "high", "nuclear_size": "large"}
+def _place(sc, n, rmin, rmax, gap, lo=-0.12, hi=1.12, tries=80):
+    "Up to `n` non-overlapping discs (centre x, y and radius in units; `gap` < 0 lets them overlap)."
+    r, out = sc.rng, []
+    for _ in range(tries):
+        if len(out) >= n: break
+        x, y, R0 = r.uniform(lo*sc.fov, hi*sc.fov), r.uniform(lo*sc.fov, hi*sc.fov), r.uniform(rmin, rmax)
+        if all(math.hypot(x - a, y - b) > R0 + c + gap for a, b, c in out): out.append((x, y, R0))
+    return out
+
+def _adi(sc):
+    "Adipose tissue: large empty fat cells with thin membranes, rare flat nuclei."
+    r, h = sc.rng, (sc.R + 1)//2  # the cell geometry is computed at half resolution
+    yy, xx = _grid(h)
+    c = np.array([(x, y) for x, y, _ in _place(sc, int(r.integers(8, 16)), 20, 40, 0, -0.25, 1.25)])*(sc.u/2)
+    px, py = xx + (smooth_field(h, r, 4) - 0.5)*7*sc.u, yy + (smooth_field(h, r, 4) - 0.5)*7*sc.u  # wavy membranes
+    m1, m2 = np.full(px.shape, np.inf, np.float32), np.full(px.shape, np.inf, np.float32)
+    l1, l2 = np.zeros(px.shape, np.int64), np.zeros(px.shape, np.int64)
+    for i, (cx, cy) in enumerate(c):  # nearest and second-nearest cell centre of every pixel
+        dk = (px - cx)**2 + (py - cy)**2
+        closer, second = dk < m1, (dk >= m1) & (dk < m2)
+        m2, l2 = np.where(closer, m1, np.where(second, dk, m2)), np.where(closer, l1, np.where(second, i, l2))
+        m1, l1 = np.where(closer, dk, m1), np.where(closer, i, l1)
+    gap = (np.sqrt(m2) - np.sqrt(m1))*(2/sc.u)  # twice the distance (units) to the nearest membrane
+    gap = np.asarray(Image.fromarray(gap.astype(np.float32), "F").resize((sc.R, sc.R), Image.BILINEAR))
+    w = r.uniform(4.5, 6)
+    mem = np.clip(1 - gap/w, 0, 1)
+    E = mem*r.uniform(0.55, 0.8)*(0.7 + 0.6*sc.field(8)) + 0.02*sc.field(3)
+    ys, xs = np.nonzero(gap[::2, ::2] < 0.5*w)  # a few flat nuclei lying along membranes
+    n = int(r.integers(1, 6)) if len(xs) else 0
+    pick = r.integers(0, max(len(xs), 1), n)
+    s1, s2 = c[l1[ys[pick], xs[pick]]], c[l2[ys[pick], xs[pick]]]
+    th = np.arctan2(s2[:, 1] - s1[:, 1], s2[:, 0] - s1[:, 0]) + np.pi/2
+    Hn = draw_nuclei(sc, sc.canvas(), xs[pick]*2/sc.u, ys[pick]*2/sc.u, r.uniform(7, 10, n), r.uniform(1.6, 2.2, n), th, r.uniform(0.7, 0.9, n))
+    n_cells = int((np.bincount(l1.ravel(), minlength=len(c))/l1.size > 0.03).sum())  # fat cells covering > 3% of the view
+    return chromatin(sc, Hn, 0.2)*1.1 + mem*0.04, E, _base_attrs(n_adipocytes=n_cells, nuclear_shape="flattened")
+
+def _back(sc):
+    "Background: near-white glass with a faint tint and rare dust."
+    r = sc.rng
+    n = int(r.integers(0, 5))
+    dust = draw_nuclei(sc, sc.canvas(), r.uniform(0, sc.fov, n), r.uniform(0, sc.fov, n), r.uniform(0.8, 2.5, n),
+                       r.uniform(0.8, 2.0, n), r.uniform(0, np.pi, n), r.uniform(0.3, 0.8, n), 0.4, count=False)
+    d = as_float(dust, 0.5*sc.u)
+    return 0.004 + 0.008*sc.field(4) + 0.5*d, 0.008 + 0.02*sc.field(3) + 0.4*d, _base_attrs()
+
+def _deb(sc):
+    "Debris: mottled necrotic eosin with nuclear fragments, pyknotic and ghost nuclei."
+    r = sc.rng
+    E = (r.uniform(0.3, 0.5) + r.uniform(0.2, 0.45)*sc.field(5))*(0.8 + 0.4*sc.grain(3))
+    img, k = sc.canvas(), int(r.integers(6, 18))
+    cc, m = r.uniform(0, sc.fov, (k, 2)), r.integers(6, 16, k)  # clusters of nuclear fragments, and scattered ones
+    n_free = int(r.integers(100, 160))
+    fx = np.concatenate([cc[i, 0] + r.normal(0, r.uniform(5, 12), m[i]) for i in range(k)] + [r.uniform(0, sc.fov, n_free)])
+    fy = np.concatenate([cc[i, 1] + r.normal(0, r.uniform(5, 12), m[i]) for i in range(k)] + [r.uniform(0, sc.fov, n_free)])
+    nf, fr = len(fx), r.uniform(1.8, 3.2, len(fx))
+    sc.n_fragments += nf
+    draw_nuclei(sc, img, fx, fy, fr, fr*r.uniform(0.5, 1, nf), r.uniform(0, np.pi, nf), r.uniform(0.8, 1, nf), 0.5, count=False)
+    n = int(r.integers(4, 20)); pr = r.uniform(2.8, 3.8, n)  # shrunken, dark (pyknotic) nuclei
+    draw_nuclei(sc, img, r.uniform(0, sc.fov, n), r.uniform(0, sc.fov, n), pr, pr*r.uniform(0.8, 1, n), 0, 1.0, 0.1)
+    g = int(r.integers(3, 15)); gr = r.uniform(4.5, 7, g)  # pale ghost nuclei
+    draw_nuclei(sc, img, r.uniform(0, sc.fov, g), r.uniform(0, sc.fov, g), gr, gr*0.8, r.uniform(0, np.pi, g), r.uniform(0.15, 0.3, g), 0.15, count=False)
+    return chromatin(sc, img, 0.2)*1.3 + r.uniform(0.05, 0.18)*sc.field(6), E, _base_attrs(necrosis=True, nuclear_shape="fragmented")
+
+def _lym(sc):
+    "Lymphocytes: a dense sheet of small round dark nuclei."
+    r = sc.rng
+    x, y = points_grid(sc, r.uniform(10.5, 13.5), 0.17)
+    keep = r.random(x.size) > r.uniform(0.02, 0.2)
+    x, y = x[keep], y[keep]; n = len(x)
+    rad = r.uniform(4.8, 5.8)*r.uniform(0.85, 1.15, n)
+    img = draw_nuclei(sc, sc.canvas(), x, y, rad, rad*r.uniform(0.85, 1, n), r.uniform(0, np.pi, n), r.uniform(0.75, 1, n), 0.08)
+    return chromatin(sc, img, 0.18)*1.1, r.uniform(0.1, 0.3) + 0.1*sc.field(5), _base_attrs(nuclear_shape="round")
+
+def _muc(sc):
+    "Mucus: pale wispy mucin pools with a few floating cells."
+    r = sc.rng
+    f = fibre_field(sc, r.uniform(0, np.pi), r.uniform(3, 6), r.uniform(15, 30), r.uniform(1.0, 2.0))
+    strands = np.clip((f - r.uniform(0.45, 0.6))*2.5, 0, 1)*sc.field(4)  # wisps of mucin
+    H = r.uniform(0.08, 0.14)*(0.5 + sc.field(4)) + r.uniform(0.2, 0.3)*strands
+    E = r.uniform(0.03, 0.12) + r.uniform(0.05, 0.1)*strands + 0.03*sc.field(3)
+    n = int(r.integers(0, 6))  # a few floating cells
+    x, y = r.uniform(0, sc.fov, n), r.uniform(0, sc.fov, n)
+    cyto = as_float(draw_nuclei(sc, sc.canvas(), x, y, r.uniform(7, 10, n), r.uniform(6, 9, n), 0, 0.6, 0.2, count=False), 0.5*sc.u)
+    img = draw_nuclei(sc, sc.canvas(), x + r.normal(0, 1.5, n), y + r.normal(0, 1.5, n), r.uniform(3.5, 5, n), r.uniform(3, 4.5, n), r.uniform(0, np.pi, n), 0.9, 0.1)
+    return H + chromatin(sc, img, 0.2), E + 0.5*cyto, _base_attrs(mucin=True, nuclear_shape="round")
+
+# %% ../nbs/03_synth.ipynb 20
+def _mus(sc):
+    "Smooth muscle: dense straight eosinophilic fibres with aligned cigar-shaped nuclei."
+    r = sc.rng
+    ang, word = _fibre_angle(r)
+    f = fibre_field(sc, ang, r.uniform(5, 7), r.uniform(50, 80), r.uniform(0, 0.1))  # straight, tight bundles
+    E = r.uniform(0.8, 1.0)*(0.55 + 0.7*f)*(0.9 + 0.2*sc.field(5))
+    if r.random() < 0.5:  # thin clefts between bundles
+        cl = np.clip((fibre_field(sc, ang, 6, 80, 0.1) - 0.82)*8, 0, 1)
+        E = E*(1 - 0.8*cl)
+    x, y = points_grid(sc, r.uniform(20, 25), 0.25)  # regularly spaced nuclei
+    keep = r.random(x.size) < 0.8; x, y = x[keep], y[keep]
+    n = len(x)
+    th, a, b = ang + r.normal(0, 0.05, n), r.uniform(13, 18, n), r.uniform(3.2, 4.0, n)
+    halo = as_float(draw_nuclei(sc, sc.canvas(), x, y, a + 3, b + 2, th, 1.0, 0.05, p=3, count=False), 0.6*sc.u)
+    img = draw_nuclei(sc, sc.canvas(), x, y, a, b, th, r.uniform(0.75, 0.95, n), 0.06, p=3.0)
+    return chromatin(sc, img, 0.25)*1.05 + 0.03, E*(1 - r.uniform(0.2, 0.5)*halo), _base_attrs(fibres="muscle", orientation=word, nuclear_shape="elongated")
+
+def _str(sc):
+    "Stroma: loose wavy collagen with gaps, sparse spindle nuclei, sometimes a small vessel."
+    r = sc.rng
+    ang, word = _fibre_angle(r)
+    f = fibre_field(sc, ang, r.uniform(3.5, 5.5), r.uniform(20, 35), r.uniform(0.7, 1.3))  # coarser, wavy
+    loose = r.uniform(0.1, 0.55)
+    E = r.uniform(0.3, 0.8)*np.clip((f - loose)/(1 - loose)*1.5, 0, 1)*(0.75 + 0.5*sc.field(5)) + 0.04
+    n = int(r.integers(10, 30))
+    x, y = r.uniform(-10, sc.fov + 10, n), r.uniform(-10, sc.fov + 10, n)
+    img = draw_nuclei(sc, sc.canvas(), x, y, r.uniform(9, 14, n), r.uniform(1.4, 2.2, n), ang + r.normal(0, 0.25, n), r.uniform(0.75, 0.95, n), 0.1, p=1.6)
+    m = int(r.integers(3, 15)); ir = r.uniform(3.5, 4.5, m)  # a few inflammatory cells
+    draw_nuclei(sc, img, r.uniform(0, sc.fov, m), r.uniform(0, sc.fov, m), ir, ir, 0, r.uniform(0.8, 1, m), 0.08)
+    H = chromatin(sc, img, 0.2)*1.05 + 0.02
+    if r.random() < 0.35:  # a small vessel with red cells
+        cx, cy, R0 = r.uniform(30, sc.fov - 30), r.uniform(30, sc.fov - 30), r.uniform(8, 14)
+        lumen = blob(sc, cx, cy, R0, 0.1, 1.0)
+        ring = np.clip(blob(sc, cx, cy, R0 + 2.5, 0.1, 1.0) - lumen, 0, 1)
+        E = E*(1 - lumen) + 0.7*ring + 1.1*lumen*np.clip(sc.grain(5)*2 - 0.6, 0, 1)
+    return H, E, _base_attrs(fibres="collagen", orientation=word, nuclear_shape="spindle-shaped")
+
+# %% ../nbs/03_synth.ipynb 23
+def _ring(cx, cy, rx, ry, phi, f, t):
+    "Points at fraction `f` of an ellipse's radius, at parameter angles `t`."
+    c, s = math.cos(phi), math.sin(phi)
+    X, Y = rx*f*np.cos(t), ry*f*np.sin(t)
+    return cx + c*X - s*Y, cy + s*X + c*Y
+
+def _outline(sc, cx, cy, rx, ry, phi, irregular, n=40):
+    "One irregular ellipse (units) as polygon vertices in pixels."
+    return shapes(np.array([cx*sc.u]), np.array([cy*sc.u]), np.array([rx*sc.u]), np.array([ry*sc.u]), np.array([phi]), sc.rng, irregular, n=n)
+
+def _norm(sc):
+    "Normal mucosa: regular crypts (lumen, goblet cells, basal nuclei) in lamina propria."
+    r = sc.rng
+    E = r.uniform(0.25, 0.38) + 0.14*sc.field(6)
+    epi, lum, gob, nuc = sc.canvas(), sc.canvas(), sc.canvas(), sc.canvas()
+    glands = _place(sc, int(r.integers(3, 6)), 48, 64, r.uniform(4, 10), -0.05, 1.05, tries=150)
+    m = int(r.integers(40, 80))  # lamina propria between the crypts: scattered round inflammatory nuclei
+    px, py = r.uniform(0, sc.fov, m), r.uniform(0, sc.fov, m)
+    out = np.all([np.hypot(px - cx, py - cy) > R0 + 3 for cx, cy, R0 in glands], 0) if glands else np.ones(m, bool)
+    px, py = px[out], py[out]; ir = r.uniform(3.5, 4.6, len(px))
+    lp = draw_nuclei(sc, sc.canvas(), px, py, ir, ir*0.9, r.uniform(0, np.pi, len(px)), r.uniform(0.75, 1, len(px)), 0.1)
+    for cx, cy, R0 in glands:
+        ry, phi = R0*r.uniform(0.75, 1.0), r.uniform(0, np.pi)
+        fill(epi, _outline(sc, cx, cy, R0, ry, phi, 0.03, 48), 255)
+        f = r.uniform(0.24, 0.32)
+        fill(lum, _outline(sc, cx, cy, R0*f, ry*f, phi, 0.1, 20), 255)
+        k = int(2*np.pi*R0*0.6/15)  # goblet cells
+        t = np.linspace(0, 2*np.pi, k, endpoint=False) + r.uniform(0, 1)
+        gx, gy = _ring(cx, cy, R0, ry, phi, r.uniform(0.52, 0.62), t + r.normal(0, 0.05, k))
+        gr = r.uniform(5, 7, k)
+        draw_nuclei(sc, gob, gx, gy, gr, gr*r.uniform(0.75, 1, k), t + phi, 1.0, 0.05, count=False)
+        k = int(2*np.pi*R0*0.87/7)  # basal nuclei, long axis radial
+        t = np.linspace(0, 2*np.pi, k, endpoint=False) + r.normal(0, 0.02, k)
+        nx, ny = _ring(cx, cy, R0, ry, phi, r.uniform(0.84, 0.9) + r.normal(0, 0.015, k), t)
+        draw_nuclei(sc, nuc, nx, ny, r.uniform(5, 6.5, k), r.uniform(2.3, 3.0, k), t + phi, r.uniform(0.75, 0.95, k), 0.05)
+    G, L, B = as_float(epi, 0.4*sc.u), as_float(lum, 0.4*sc.u), as_float(gob, 0.4*sc.u)
+    H = np.maximum(chromatin(sc, lp, 0.15)*(1 - G), chromatin(sc, nuc, 0.2))*1.05
+    E = E*(1 - G) + G*r.uniform(0.4, 0.55)*(0.85 + 0.3*sc.grain(3))
+    E, H = E*(1 - 0.92*B), H*(1 - 0.8*B) + 0.07*B  # goblet mucin: pale, faintly blue
+    vis = sum(1 for cx, cy, _ in glands if sc.inside(cx, cy))
+    return (H + 0.02)*(1 - L), E*(1 - L), _base_attrs(n_glands=vis, gland_shape="regular", lumen=vis > 0, goblet=vis > 0, nuclear_shape="oval")
+
+# %% ../nbs/03_synth.ipynb 24
+def _tum_glands(sc, mode):
+    "Crowded malignant glands ('tubular', 'cribriform' or 'solid'): (nuclear canvas, epithelium, lumens, glands, lumen count)."
+    r = sc.rng
+    epi, lum, nuc = sc.canvas(), sc.canvas(), sc.canvas()
+    glands = _place(sc, int(r.integers(4, 9)), 45, 95, -10)
+    n_lumens = 0
+    for cx, cy, R0 in glands:
+        ry, phi = R0*r.uniform(0.5, 1.0), r.uniform(0, np.pi)
+        fill(epi, _outline(sc, cx, cy, R0, ry, phi, r.uniform(0.12, 0.25), 48), 255)
+        holes = []
+        if mode == "tubular":
+            f = r.uniform(0.3, 0.55)
+            fill(lum, _outline(sc, cx, cy, R0*f, ry*f, phi + r.normal(0, 0.3), 0.3, 32), 255)
+            holes.append((cx, cy, min(R0, ry)*f))
+        elif mode == "cribriform":
+            for _ in range(int(r.integers(2, 7))):
+                hx, hy = _ring(cx, cy, R0, ry, phi, r.uniform(0, 0.55), np.array([r.uniform(0, 2*np.pi)]))
+                hr = r.uniform(5, 12)*min(1, ry/40)
+                fill(lum, _outline(sc, hx[0], hy[0], hr, hr*r.uniform(0.7, 1), r.uniform(0, 3), 0.15, 16), 255)
+                holes.append((hx[0], hy[0], hr))
+        n_lumens += len(holes)
+        k = int(np.pi*R0*ry/r.uniform(90, 170))  # stratified nuclei through the whole epithelium
+        t, f = r.uniform(0, 2*np.pi, k), np.sqrt(r.uniform(0.0, 0.9, k))
+        x, y = _ring(cx, cy, R0, ry, phi, f, t)
+        ok = np.all([np.hypot(x - hx, y - hy) > hr + 3 for hx, hy, hr in holes], 0) if holes else np.ones(k, bool)
+        x, y, t = x[ok], y[ok], t[ok]; k = len(x)
+        a = r.uniform(7, 12, k)
+        draw_nuclei(sc, nuc, x, y, a, a*r.uniform(0.55, 0.85, k), t + phi + r.normal(0, 0.4, k), r.uniform(0.55, 0.9, k), 0.25)
+        nl = k//2  # nucleoli
+        draw_nuclei(sc, nuc, x[:nl] + r.normal(0, 1.5, nl), y[:nl] + r.normal(0, 1.5, nl), 1.4, 1.2, 0, 1.0, 0.1, count=False)
+    return nuc, as_float(epi, 0.4*sc.u), as_float(lum, 0.4*sc.u), glands, n_lumens
+
+def _tum(sc):
+    "Adenocarcinoma: crowded irregular glands of large pleomorphic nuclei in desmoplastic stroma."
+    r = sc.rng
+    ang, _ = _fibre_angle(r)
+    E = (r.uniform(0.35, 0.55) + 0.15*sc.field(5))*(0.75 + 0.4*fibre_field(sc, ang, 3, 25, 0.8))  # desmoplastic stroma
+    m = int(r.integers(5, 20))
+    sn = draw_nuclei(sc, sc.canvas(), r.uniform(0, sc.fov, m), r.uniform(0, sc.fov, m), r.uniform(8, 12, m), r.uniform(1.6, 2.4, m), ang + r.normal(0, 0.3, m), 0.85, 0.1, p=1.6)
+    mode = ["tubular", "tubular", "cribriform", "solid"][int(r.integers(4))]
+    nuc, G, L, glands, n_lumens = _tum_glands(sc, mode)
+    H = np.maximum(chromatin(sc, sn, 0.2)*(1 - G), chromatin(sc, nuc, 0.35, rim=0.45))*1.15
+    E = E*(1 - G) + G*r.uniform(0.35, 0.55)*(0.8 + 0.4*sc.grain(3))
+    necrosis = n_lumens > 0 and r.random() < 0.35
+    if necrosis:  # dirty necrosis: eosinophilic debris with nuclear dust in the lumens
+        dirt, nf = sc.canvas(), int(r.integers(60, 160))
+        sc.n_fragments += nf; fr = r.uniform(0.9, 2.2, nf)
+        draw_nuclei(sc, dirt, r.uniform(0, sc.fov, nf), r.uniform(0, sc.fov, nf), fr, fr*0.7, r.uniform(0, np.pi, nf), 1.0, 0.5, count=False)
+        Hl, El = chromatin(sc, dirt, 0.2)*1.3 + 0.1*sc.field(8), r.uniform(0.4, 0.7)*(0.6 + 0.6*sc.grain(4))
+    else: Hl, El = 0*E, 0.03*sc.field(4)
+    H, E = H*(1 - L) + Hl*L, E*(1 - L) + El*L
+    mucin = r.random() < 0.15
+    if mucin:  # a pool of extracellular mucin (mucinous component)
+        P = blob(sc, *r.choice([-1.0, 1.0], 2)*0.3*sc.fov + 0.5*sc.fov, r.uniform(45, 70), 0.3, 4)
+        w = fibre_field(sc, r.uniform(0, np.pi), 4, 20, 1.5)
+        H, E = H*(1 - P) + P*(0.06 + 0.12*np.clip((w - 0.6)*3, 0, 1)), E*(1 - P) + P*0.04
+    vis = sum(1 for cx, cy, _ in glands if sc.inside(cx, cy))
+    shape = {"solid": "solid", "cribriform": "cribriform"}.get(mode, "irregular")
+    return H + 0.02, E, _base_attrs(n_glands=vis, gland_shape=shape, lumen=n_lumens > 0, necrosis=necrosis, mucin=mucin, nuclear_shape="pleomorphic")
 
 MORPHOLOGY = {"ADI": _adi, "BACK": _back, "DEB": _deb, "LYM": _lym, "MUC": _muc, "MUS": _mus,
-              "NORM": _norm, "STR": _str, "TUM": _tum}
+              "NORM": _norm, "STR": _str, "TUM": _tum}  # class code -> drawing function (Scene -> H, E, attrs)
 
-# %% ../nbs/03_synth.ipynb 17
+# %% ../nbs/03_synth.ipynb 27
+def _render_size(size):
+    "Render side for an output side: about 2x (at least 128 px, at most 256 px unless the tile is larger)."
+    return max(size, min(max(2*size, 128), 256))
+
+def _measured(sc, attrs, H, E) -> dict:
+    "Attributes with the words measured from the scene's tally of nuclei and the density maps."
+    n = sc.n_nuclei*(224/sc.fov)**2  # nuclei per 112-µm field
+    mean_area, frac = sc.nuc_area/max(sc.n_nuclei, 1), sc.nuc_area/sc.fov**2
+    none = sc.n_nuclei == 0
+    return {**attrs, "n_nuclei": sc.n_nuclei, "fragments": sc.n_fragments,
+            "density": "none" if none else "high" if frac > 0.33 else "moderate" if n > 70 else "low",
+            "nuclear_size": "none" if none else "small" if mean_area < 110 else "medium" if mean_area < 170 else "large",
+            "cellularity": "none" if none else "high" if frac > 0.33 else "moderate" if frac > 0.1 else "low",
+            "tissue": round(float(((H + E) > 0.12).mean()), 2)}
+
 def synth_tile_attrs(code: str,  # CRC class code, e.g. 'TUM'
                      size: int = 224,  # tile side in pixels
                      seed: int = 0,  # dataset seed
                      index: int = 0,  # tile index within the class
+                     tiles_per_patient: int = 4,  # consecutive indices that share one synthetic patient (stain)
+                     stain_spread: float = 0.65,  # strength of the per-patient stain variation (0: one stain for all)
                     ) -> tuple[Image.Image, dict]:
-    "One synthetic H&E-like tile of class `code` and its attributes (nuclear density, size)."
+    "One synthetic H&E-like tile of class `code` and the attributes measured from what was drawn."
     if code not in MORPHOLOGY: raise PathinsightError(f"unknown tissue class {code!r} (expected one of {list(MORPHOLOGY)})")
     if size < 16: raise PathinsightError(f"tile size must be >= 16 pixels, got {size}")
+    if tiles_per_patient < 1: raise PathinsightError(f"tiles_per_patient must be >= 1, got {tiles_per_patient}")
     rng = np.random.default_rng(stable_hash("synth", seed, code, index))
-    H, E, attrs = MORPHOLOGY[code](size, rng, size/224)
-    return render_stains(H, E, rng), attrs
+    sc = Scene(_render_size(size), rng)
+    H, E, attrs = MORPHOLOGY[code](sc)
+    img = render_stains(H, E, rng, 2.5, patient_stain(seed, index//tiles_per_patient, stain_spread), size)
+    return img, _measured(sc, attrs, H, E)
 
-def synth_tile(code: str, size: int = 224, seed: int = 0, index: int = 0) -> Image.Image:
+def synth_tile(code: str, size: int = 224, seed: int = 0, index: int = 0, tiles_per_patient: int = 4) -> Image.Image:
     "One synthetic H&E-like tile of class `code`."
-    return synth_tile_attrs(code, size, seed, index)[0]
+    return synth_tile_attrs(code, size, seed, index, tiles_per_patient)[0]
 
-# %% ../nbs/03_synth.ipynb 22
-_FEATURES = {
-    "ADI": "large empty vacuoles separated by thin eosinophilic membranes with rare flattened peripheral nuclei",
-    "BACK": "no tissue; only the bright glass background is visible",
-    "DEB": "patchy eosinophilic necrotic material with scattered nuclear fragments",
-    "LYM": "sheets of small, round, darkly staining lymphocyte nuclei",
-    "MUC": "pale, wispy, blue-grey extracellular mucin with very few cells",
-    "MUS": "parallel eosinophilic fibres with aligned, elongated spindle-shaped nuclei",
-    "NORM": "regular crypts lined by basally located nuclei and pale goblet cells around round lumina",
-    "STR": "pale wavy collagen with sparse, randomly oriented spindle-shaped fibroblast nuclei",
-    "TUM": "crowded, enlarged, pleomorphic nuclei with coarse chromatin forming irregular glands",
+# %% ../nbs/03_synth.ipynb 34
+_SUBJECT = {"ADI": "adipose tissue", "BACK": "slide background", "DEB": "necrotic debris", "LYM": "lymphocytes",
+            "MUC": "extracellular mucus", "MUS": "smooth muscle", "NORM": "normal colon mucosa",
+            "STR": "cancer-associated stroma", "TUM": "colorectal adenocarcinoma epithelium"}  # what a caption is of
+_LEADS = ["H&E-stained section of {s} showing {f}.", "Histology of {s} showing {f}.",
+          "H&E image of {s} with {f}.", "Microscopic view of {s}: {f}."]
+
+def _count_word(n: int) -> str: return "no" if n == 0 else "a single" if n == 1 else "a few" if n <= 3 else "several"
+def _noun(n: int, word: str) -> str: return word if n == 1 else word + "s"
+
+def _hallmark(code: str, a: dict) -> str:
+    "The class hallmark phrase, written from the attributes."
+    g = a["n_glands"]
+    if code == "ADI": return f"{_count_word(a['n_adipocytes'])} large empty {_noun(a['n_adipocytes'], 'adipocyte')} with thin membranes"
+    if code == "BACK": return "empty glass with no tissue"
+    if code == "DEB": return "eosinophilic necrotic material with scattered nuclear fragments"
+    if code == "LYM": return "a dense sheet of small round lymphocytes"
+    if code == "MUC": return "pale pools of extracellular mucin with few floating cells"
+    if code == "MUS": return f"dense parallel eosinophilic fibres running {a['orientation']}ly"
+    if code == "STR": return f"loose wavy collagen fibres running {a['orientation']}ly"
+    if code == "NORM": return f"{_count_word(g)} regular {_noun(g, 'crypt')} with goblet cells and small round lumens" if g else "lamina propria between crypts"
+    if a["gland_shape"] == "solid": return "solid nests of crowded tumour cells without lumens"
+    lum = "cribriform lumens" if a["gland_shape"] == "cribriform" else "irregular lumens"
+    return f"{_count_word(g)} crowded irregular {_noun(g, 'gland')} with {lum}" if g else f"crowded irregular glands with {lum}"
+
+def _nuclei_sentence(a: dict) -> str:
+    if a["density"] == "none": return ""
+    dens = {"high": "densely crowded", "moderate": "moderately dense", "low": "sparse"}[a["density"]]
+    return f"Nuclei are {a['nuclear_size']}, {a['nuclear_shape']} and {dens}."
+
+def synth_caption(code: str,  # CRC class code
+                  attrs: dict,  # the tile's attributes (`synth_tile_attrs`)
+                  rng,  # a `random.Random` choosing the lead phrase
+                 ) -> str:
+    "A pathology-style caption for a tile of class `code`, written from its measured `attrs`."
+    s = [rng.choice(_LEADS).format(s=_SUBJECT[code], f=_hallmark(code, attrs)), _nuclei_sentence(attrs)]
+    if attrs["necrosis"] and code != "DEB": s.append("Dirty necrosis fills some lumens.")
+    if attrs["mucin"] and code != "MUC": s.append("Pools of extracellular mucin are present.")
+    return " ".join(x for x in s if x)
+
+QUESTIONS = {  # name -> (yes/no question about a structure, its answer from the attributes)
+    "lumen": ("Are glandular lumens present?", lambda a: a["lumen"]),
+    "mucin": ("Is extracellular mucin present?", lambda a: a["mucin"]),
+    "crowded": ("Are the nuclei densely crowded?", lambda a: a["density"] == "high"),
+    "fat": ("Are adipocytes present?", lambda a: a["n_adipocytes"] > 0),
+    "necrosis": ("Is necrotic debris present?", lambda a: a["necrosis"]),
+    "fibres": ("Are fibres present?", lambda a: bool(a["fibres"])),
 }
-_LEADS = ["H&E-stained section of {name}:", "Histology of {name}, showing", "This H&E tile shows {name}, with",
-          "Microscopy of {name}:"]
 
-def synth_caption(code: str, attrs: dict, rng) -> str:
-    "A pathology-style caption for a tile of class `code` with `attrs`."
-    lead = rng.choice(_LEADS).format(name=CRC_CLASSES[code])
-    dens = "" if attrs["density"] == "none" else f" Nuclear density is {attrs['density']}."
-    return f"{lead} {_FEATURES[code]}.{dens}"
-
-def synth_questions(code: str, attrs: dict, rng) -> list[tuple[str, str]]:
-    "Two yes/no (question, answer) pairs about the tile's class and its nuclear density."
+def synth_questions(code: str,  # CRC class code
+                    attrs: dict,  # the tile's attributes
+                    rng,  # a `random.Random`
+                   ) -> list[tuple[str, str]]:
+    "Two yes/no (question, answer) pairs: is it class X (yes half the time), and a structure question (yes about half the time)."
     other = rng.choice([c for c in CRC_CLASSES if c != code])
     asked = code if rng.random() < 0.5 else other
     qs = [(f"Does this image show {CRC_CLASSES[asked]}?", "yes" if asked == code else "no")]
-    qs.append(("Are the nuclei densely crowded?", "yes" if attrs["density"] == "high" else "no"))
-    return qs
+    want = rng.random() < 0.56  # a little above 0.5: background tiles have no structure to say yes about
+    pool = [k for k, (_, f) in QUESTIONS.items() if bool(f(attrs)) == want] or list(QUESTIONS)
+    q, f = QUESTIONS[rng.choice(pool)]
+    return qs + [(q, "yes" if f(attrs) else "no")]
 
-# %% ../nbs/03_synth.ipynb 25
+# %% ../nbs/03_synth.ipynb 37
+PCAM_FOV = 192.0  # a 96-px PCam patch (~0.97 µm/px) spans ~93 µm: 192 units of 0.5 µm
+
+def _tumour_cells(sc):
+    "Metastatic carcinoma filling the field: large pleomorphic vesicular nuclei with nucleoli in pink cytoplasm, a few lumens."
+    r = sc.rng
+    x, y = points_grid(sc, r.uniform(15, 19), 0.22)
+    n, a = len(x), r.uniform(6.5, 10.5, len(x))
+    img = draw_nuclei(sc, sc.canvas(), x, y, a, a*r.uniform(0.6, 0.9, n), r.uniform(0, np.pi, n), r.uniform(0.5, 0.85, n), 0.25)
+    draw_nuclei(sc, img, x + r.normal(0, 1.5, n), y + r.normal(0, 1.5, n), 1.5, 1.3, 0, 1.0, 0.1, count=False)
+    H, E = chromatin(sc, img, 0.35, rim=0.45)*1.1, r.uniform(0.4, 0.6)*(0.8 + 0.4*sc.grain(3))
+    if r.random() < 0.5:  # a few gland-like lumens
+        L = np.zeros_like(E)
+        for _ in range(int(r.integers(1, 4))):
+            L = np.maximum(L, blob(sc, r.uniform(0.3, 0.7)*sc.fov, r.uniform(0.3, 0.7)*sc.fov, r.uniform(5, 11), 0.3, 1.5))
+        H, E = H*(1 - L), E*(1 - L)
+    return H, E
+
+def _pcam_scene(sc, tumour: bool):
+    "A lymph-node patch: a lymphocyte sheet, sometimes with stroma, fat or a sinus; with `tumour`, a metastasis over the centre."
+    r = sc.rng
+    H, E, _ = _lym(sc)
+    if r.random() < 0.6:  # a region of something else at one side
+        kind = ["stroma", "fat", "sinus"][int(r.integers(3))]
+        if kind == "stroma": H2, E2, _ = _str(sc)
+        elif kind == "fat": H2, E2, _ = _adi(sc)
+        else:  # sinus: loose, pale, with large pale histiocyte nuclei
+            m = int(r.integers(8, 20)); a = r.uniform(5, 7.5, m)
+            img = draw_nuclei(sc, sc.canvas(), r.uniform(0, sc.fov, m), r.uniform(0, sc.fov, m), a, a*r.uniform(0.6, 0.85, m), r.uniform(0, np.pi, m), r.uniform(0.35, 0.5, m), 0.15)
+            H2, E2 = chromatin(sc, img, 0.2) + 0.03, r.uniform(0.15, 0.3)*(0.7 + 0.6*sc.field(6))
+        ang, off = r.uniform(0, np.pi), r.uniform(0.15, 0.75)*sc.fov*r.choice([-1, 1])
+        yy, xx = _grid(sc.R)
+        side = ((xx/sc.u - sc.fov/2)*math.cos(ang) + (yy/sc.u - sc.fov/2)*math.sin(ang) - off*0.5)*np.sign(off)
+        M = np.clip((side + 12*(sc.field(4) - 0.5))/4 + 0.5, 0, 1)
+        H, E = H*(1 - M) + H2*M, E*(1 - M) + E2*M
+    if tumour:
+        H2, E2 = _tumour_cells(sc)
+        c = sc.fov/2 + r.uniform(-0.08, 0.08, 2)*sc.fov
+        M = blob(sc, c[0], c[1], r.uniform(0.22, 0.45)*sc.fov, 0.35, 3.0)
+        H, E = H*(1 - M) + H2*M, E*(1 - M) + E2*M
+    return H, E
+
+def synth_pcam_patch(tumour: bool,  # metastatic tumour in the centre (PCam label 1) or not (0)
+                     size: int = 96,  # patch side in pixels (PCam: 96)
+                     seed: int = 0,  # dataset seed
+                     index: int = 0,  # patch index
+                     patient: int = 0,  # synthetic patient: the slide's stain
+                    ) -> Image.Image:
+    "One PCam-like lymph-node patch, with or without a metastasis in its centre."
+    if size < 16: raise PathinsightError(f"patch size must be >= 16 pixels, got {size}")
+    rng = np.random.default_rng(stable_hash("synth-pcam", seed, index))
+    sc = Scene(max(size, 128), rng, PCAM_FOV)
+    H, E = _pcam_scene(sc, bool(tumour))
+    return render_stains(H, E, rng, 2.5, patient_stain(seed, patient), size)
+
+# %% ../nbs/03_synth.ipynb 40
+def write_synth_pcam(root,  # output folder (created)
+                     n: int,  # number of patches (labels alternate 0, 1, ...)
+                     seed: int = 0,  # dataset seed
+                     tiles_per_patient: int = 4,  # patch i belongs to patient i // (4 * tiles_per_patient)
+                     size: int = 96,  # patch side
+                     split: str = "train",  # split name in the file names
+                    ) -> Path:
+    "Write `n` PCam-like patches as a PCam x/y h5 pair plus a meta csv with the patient in `wsi`; return the x path."
+    import h5py
+    root = Path(root); root.mkdir(parents=True, exist_ok=True)
+    xp, yp, mp = pcam_paths(root, split)
+    per = 4*tiles_per_patient
+    with h5py.File(xp, "w") as fx, h5py.File(yp, "w") as fy:
+        x = fx.create_dataset("x", (n, size, size, 3), dtype="uint8", chunks=(1, size, size, 3))
+        fy.create_dataset("y", data=(np.arange(n) % 2).astype(np.uint8).reshape(n, 1, 1, 1))
+        for s in progress(range(0, n, 64), "synth pcam", total=(n + 63)//64):
+            x[s:s + 64] = np.stack([np.asarray(synth_pcam_patch(i % 2, size, seed, i, i//per)) for i in range(s, min(n, s + 64))])
+    with open(mp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["", "coord_y", "coord_x", "tumor_patch", "center_tumor_patch", "wsi"])
+        for i in range(n): w.writerow([i, 0, 0, bool(i % 2), bool(i % 2), f"SYN-P{i//per:04d}"])
+    return xp
+
+# %% ../nbs/03_synth.ipynb 43
 @dataclass
 class SynthConfig:
     "Settings of the embedded synthetic dataset."
@@ -214,7 +635,8 @@ class SynthConfig:
     size: int = 224  # tile side in pixels (CRC tiles are 224)
     seed: int = 0  # dataset seed: same seed, byte-identical files
     fmt: str = "tif"  # 'tif' (native CRC container, PackBits) or 'png'
-    tiles_per_patient: int = 4  # tiles per class sharing one synthetic patient (group) id
+    tiles_per_patient: int = 4  # tiles per class sharing one synthetic patient (group id and stain)
+    n_pcam: int | None = None  # PCam-like patches written beside the class folders (None: 4 * n_per_class; 0: none)
 
     def validate(self):
         "Raise a `PathinsightError` for impossible settings."
@@ -222,7 +644,13 @@ class SynthConfig:
         if self.size < 16: raise PathinsightError(f"size must be >= 16 pixels, got {self.size}")
         if self.fmt not in ("tif", "png"): raise PathinsightError(f"fmt must be 'tif' or 'png', got {self.fmt!r}")
         if self.tiles_per_patient < 1: raise PathinsightError("tiles_per_patient must be >= 1")
+        if self.n_pcam is not None and self.n_pcam < 0: raise PathinsightError(f"n_pcam must be >= 0, got {self.n_pcam}")
         return self
+
+    @property
+    def pcam_count(self) -> int:
+        "The number of PCam-like patches written."
+        return 4*self.n_per_class if self.n_pcam is None else self.n_pcam
 
 def _tile_name(code, seed, i):
     r = rng_for(seed, "name", code, i)
@@ -232,17 +660,18 @@ def _save_tile(img, path, fmt):
     if fmt == "tif": img.save(path, format="TIFF", compression="packbits")
     else: img.save(path, format="PNG", optimize=False)
 
-# %% ../nbs/03_synth.ipynb 26
+# %% ../nbs/03_synth.ipynb 44
 def write_synth(out,  # output directory (created; must not exist unless overwrite)
                 n_per_class: int = 20,  # tiles per tissue class
                 size: int = 224,  # tile side in pixels
                 seed: int = 0,  # dataset seed
                 fmt: str = "tif",  # 'tif' or 'png'
                 overwrite: bool = False,  # replace an existing OUT
+                n_pcam: int | None = None,  # PCam-like patches (None: 4 * n_per_class; 0: none)
                 cfg: SynthConfig | None = None,  # a full config (overrides the arguments above)
                ) -> Path:
-    "Write the synthetic CRC-layout dataset with captions, VQA pairs and conversations to `out`."
-    cfg = (cfg or SynthConfig(n_per_class, size, seed, fmt)).validate()
+    "Write the synthetic CRC-layout dataset with captions, VQA pairs, conversations and PCam-like patches to `out`."
+    cfg = (cfg or SynthConfig(n_per_class, size, seed, fmt, n_pcam=n_pcam)).validate()
     out = Path(out)
     if out.exists() and not out.is_dir(): raise PathinsightError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -254,7 +683,7 @@ def write_synth(out,  # output directory (created; must not exist unless overwri
         with atomic_dir(out) as tmp:
             jobs = [(c, i) for c in CRC_CLASSES for i in range(cfg.n_per_class)]
             for code, i in progress(jobs, "synth tiles"):
-                img, attrs = synth_tile_attrs(code, cfg.size, cfg.seed, i)
+                img, attrs = synth_tile_attrs(code, cfg.size, cfg.seed, i, cfg.tiles_per_patient)
                 rel = f"{code}/{_tile_name(code, cfg.seed, i)}.{cfg.fmt}"
                 (tmp/code).mkdir(exist_ok=True)
                 _save_tile(img, tmp/rel, cfg.fmt)
@@ -271,35 +700,75 @@ def write_synth(out,  # output directory (created; must not exist unless overwri
                               "conversations": [{"from": "human", "value": human[0]}, {"from": "gpt", "value": cap},
                                                 {"from": "human", "value": human[1]},
                                                 {"from": "gpt", "value": qs[0][1].capitalize() + "."}]})
+            if cfg.pcam_count: write_synth_pcam(tmp, cfg.pcam_count, cfg.seed, cfg.tiles_per_patient)
             write_jsonl(tmp/"captions.jsonl", caps)
             write_jsonl(tmp/"vqa.jsonl", vqa)
             write_json(tmp/"conversations.json", convs)
             write_json(tmp/"manifest.json", {"generator": "pathinsight.synth", "classes": CRC_CLASSES,
                                              "n_per_class": cfg.n_per_class, "size": cfg.size, "seed": cfg.seed,
-                                             "fmt": cfg.fmt, "n_tiles": len(caps)})
+                                             "fmt": cfg.fmt, "n_tiles": len(caps), "tiles_per_patient": cfg.tiles_per_patient,
+                                             "n_pcam": cfg.pcam_count})
     except OSError as e: raise PathinsightError(f"cannot write {out}: {e.strerror or e}") from None
     return out
 
-# %% ../nbs/03_synth.ipynb 29
-def tile_features(img: Image.Image) -> np.ndarray:
-    "Colour and texture statistics of a tile (a simple, model-free feature vector)."
-    a = np.asarray(img.convert("RGB"), dtype=np.float32)/255
-    g = a.mean(-1)
-    od = -np.log(np.clip(a, 1/255, 1))
-    h = od@OD_H/np.linalg.norm(OD_H)
-    gy, gx = np.abs(np.diff(g, axis=0)).mean(), np.abs(np.diff(g, axis=1)).mean()
-    return np.array([*a.mean((0, 1)), *a.std((0, 1)), (h > 0.6).mean(), (h > 1.0).mean(), (g > 0.85).mean(),
-                     gy, gx, abs(gx - gy), np.percentile(g, 10), np.percentile(g, 90)], dtype=np.float32)
+# %% ../nbs/03_synth.ipynb 49
+def mean_colour(img: Image.Image) -> np.ndarray:
+    "The tile's mean R, G, B in [0, 1]: all a colour-only classifier sees."
+    return (np.asarray(img.convert("RGB"), dtype=np.float32)/255).mean((0, 1))
 
-# %% ../nbs/03_synth.ipynb 32
+def _box(a, k):
+    "Mean over k x k blocks (the remainder cropped)."
+    h, w = (a.shape[0]//k)*k, (a.shape[1]//k)*k
+    return a[:h, :w].reshape(h//k, k, w//k, k).mean((1, 3))
+
+def texture_features(img: Image.Image) -> np.ndarray:
+    "Stain-robust morphology statistics of a tile, computed on per-pixel total optical density normalised per tile."
+    from scipy import ndimage as ndi  # scipy comes with scikit-learn; imported here to keep `import pathinsight.synth` light
+    a = np.asarray(img.convert("RGB"), dtype=np.float32)
+    d = (-np.log(np.clip(a, 1, 255)/255)).sum(-1)       # total optical density: independent of the dyes' hues
+    d = d - min(np.percentile(d, 1), 0.25)               # glass / white-point offset
+    tissue, (lo, hi) = d > 0.25, np.percentile(d, [5, 95])
+    z = (d - d.mean())/(d.std() + 1e-3)
+    feats = [tissue.mean(), (d > 0.8).mean()/max(tissue.mean(), 1e-3), (hi - lo)/(hi + lo + 0.1), float((z**3).mean())]
+    feats += [float((z[k:]*z[:-k]).mean() + (z[:, k:]*z[:, :-k]).mean())/2 for k in (1, 2, 4, 8)]  # autocorrelation
+    gy, gx = np.gradient(ndi.gaussian_filter(z, 0.7))   # structure tensor: orientation coherence, global and local
+    jxx, jyy, jxy = gx*gx, gy*gy, gx*gy
+    coh = lambda xx, yy, xy: np.sqrt((xx - yy)**2 + 4*xy**2)/(xx + yy + 1e-6)
+    s = max(2, d.shape[0]//16)
+    feats += [float(coh(jxx.mean(), jyy.mean(), jxy.mean())),
+              float(coh(ndi.gaussian_filter(jxx, s), ndi.gaussian_filter(jyy, s), ndi.gaussian_filter(jxy, s)).mean()),
+              float(np.hypot(gx, gy).mean())]
+    nucl = (d - ndi.gaussian_filter(d, max(3, d.shape[0]/12))) > 0.25*(hi - lo + 0.05)  # dark blobs above local background
+    lab, n = ndi.label(nucl)
+    sizes = np.bincount(lab.ravel())[1:] if n else np.zeros(1)
+    feats += [n/d.size*1000, sizes.mean()/d.size*1000, sizes.std()/(sizes.mean() + 1e-3), nucl.mean(),
+              ((ndi.maximum_filter(z, 3) == z) & (z > 0.5)).mean()*100]
+    white = d < 0.3*np.percentile(d, 90)                 # white holes: lumens, vacuoles, goblets, gaps
+    lab, n = ndi.label(white)
+    sizes = np.bincount(lab.ravel())[1:] if n else np.zeros(1)
+    border = set(np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))) - {0}
+    inner = [s for i, s in enumerate(sizes, 1) if i not in border]
+    feats += [white.mean(), n/d.size*1000, len(inner)/d.size*1000, sum(inner)/d.size, sizes.max()/d.size]
+    c = z[1:-1, 1:-1]                                     # local-binary-pattern-like: neighbours darker than the centre
+    cnt = sum((z[1 + dy:z.shape[0] - 1 + dy, 1 + dx:z.shape[1] - 1 + dx] > c).astype(np.int8) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
+    feats += list(np.bincount(cnt.ravel(), minlength=9)[[0, 2, 4, 6, 8]]/cnt.size)
+    return np.array(feats + [float(_box(z, 4).std()), float(_box(z, 8).std())], dtype=np.float32)
+
+def tile_features(img: Image.Image) -> np.ndarray:
+    "Colour and texture statistics of a tile (`mean_colour` followed by `texture_features`)."
+    return np.concatenate([mean_colour(img), texture_features(img)])
+
+# %% ../nbs/03_synth.ipynb 57
 def synth_cmd(out: str,  # output directory
               n_per_class: int = 20,  # tiles per tissue class
               size: int = 224,  # tile side in pixels
               seed: int = 0,  # dataset seed (same seed, byte-identical files)
               fmt: str = "tif",  # image format: tif or png
               overwrite: bool = False,  # replace OUT if it exists
+              n_pcam: int | None = None,  # PCam-like lymph-node patches (default: 4 * n_per_class; 0: none)
              ):
-    "Write the embedded synthetic H&E dataset (CRC layout, captions, VQA, conversations)."
-    p = write_synth(out, n_per_class, size, seed, fmt, overwrite)
-    print(f"wrote {9*n_per_class} tiles, captions, VQA pairs and conversations to {p}")
+    "Write the embedded synthetic H&E dataset (CRC layout, captions, VQA, conversations, PCam-like patches)."
+    p = write_synth(out, n_per_class, size, seed, fmt, overwrite, n_pcam)
+    n = 4*n_per_class if n_pcam is None else n_pcam
+    print(f"wrote {9*n_per_class} tiles, captions, VQA pairs, conversations and {n} PCam-like patches to {p}")
     return p

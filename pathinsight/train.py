@@ -13,9 +13,10 @@ from .models import check_trust, get_family, load_model, model_parts, lora_targe
 from .encode import GroupedSampler, VLMCollator, VLMDataset, flip_rotate
 
 # %% auto 0
-__all__ = ['MODES', 'ACCELERATE_CONFIGS', 'DEEPSPEED_CONFIGS', 'RECIPES', 'TrainConfig', 'tiny_recipe', 'trainable_counts',
-           'prepare_model', 'read_examples', 'write_accelerate_config', 'accelerate_config_cmd', 'write_loss_curve',
-           'training_args', 'train', 'merge_cmd', 'recipe', 'recipe_cmd', 'train_cmd', 'main']
+__all__ = ['MODES', 'ACCELERATE_CONFIGS', 'DEEPSPEED_CONFIGS', 'LOSS_COLUMNS', 'RECIPES', 'TrainConfig', 'tiny_recipe',
+           'trainable_counts', 'prepare_model', 'read_examples', 'write_accelerate_config', 'accelerate_config_cmd',
+           'loss_rows', 'loss_curve_figure', 'write_loss_curve', 'training_args', 'train', 'merge_cmd', 'recipe',
+           'recipe_cmd', 'train_cmd', 'main']
 
 # %% ../nbs/13_train.ipynb 6
 MODES = ("lora", "qlora", "full")
@@ -54,7 +55,8 @@ class TrainConfig:
     save_steps: int = 500  # checkpoint interval when save_strategy is 'steps'
     save_total_limit: int | None = None  # keep at most this many checkpoints (None: all)
     logging_steps: int = 10  # log the loss every this many steps
-    eval_strategy: str = "no"  # evaluation schedule: no | steps | epoch
+    eval_strategy: str = "no"  # evaluation schedule: no | steps | epoch (needs eval_data / eval examples)
+    eval_steps: int | None = None  # evaluate every this many steps when eval_strategy is 'steps' (None: every logging_steps)
     bf16: bool | None = None  # bf16 mixed precision (None: on when CUDA supports it)
     compute_dtype: str = ""  # QLoRA 4-bit compute dtype ('' = bfloat16 on GPUs with it, float16 on others, float32 on CPU)
     gradient_checkpointing: bool = False  # trade compute for memory (big models)
@@ -237,18 +239,38 @@ def _trainer_cls():
     return PathTrainer
 
 # %% ../nbs/13_train.ipynb 24
-def write_loss_curve(log_history: list[dict], out_dir) -> Path:
-    "Write the logged training loss as `loss.csv` and `loss.png` in `out_dir`."
+LOSS_COLUMNS = ("step", "loss", "learning_rate", "eval_loss")  # the columns of loss.csv
+
+def loss_rows(log_history: list[dict]) -> list[dict]:
+    "One row per step that logged a training or validation loss, columns `LOSS_COLUMNS` ('' where the step logged none)."
+    rows = {}
+    for h in log_history:
+        if "loss" not in h and "eval_loss" not in h: continue  # e.g. the final train_loss summary
+        r = rows.setdefault(h["step"], dict.fromkeys(LOSS_COLUMNS, "") | {"step": h["step"]})
+        r.update({k: h[k] for k in LOSS_COLUMNS[1:] if k in h})
+    return [rows[s] for s in sorted(rows)]
+
+def loss_curve_figure(log_history: list[dict]):
+    "A figure of the training loss (solid) and validation loss (dashed, markers) against step."
     from matplotlib.figure import Figure  # no pyplot: no global figure state, safe in threads
-    rows = [(h["step"], h["loss"], h.get("learning_rate", "")) for h in log_history if "loss" in h]
+    rows = loss_rows(log_history)
+    tr = [(r["step"], r["loss"]) for r in rows if r["loss"] != ""]
+    ev = [(r["step"], r["eval_loss"]) for r in rows if r["eval_loss"] != ""]
+    fig = Figure(figsize=(5, 3.2)); ax = fig.subplots()
+    if tr: ax.plot(*zip(*tr), color="C0", ls="-", marker=".", label="train")
+    if ev: ax.plot(*zip(*ev), color="C1", ls="--", marker="o", ms=4, label="validation")
+    ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.grid(alpha=.3)
+    ax.set_title("PathoSync training and validation loss" if ev else "PathoSync training loss")
+    if tr and ev: ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+def write_loss_curve(log_history: list[dict], out_dir) -> Path:
+    "Write the logged training and validation loss as `loss.csv` (columns `LOSS_COLUMNS`) and `loss.png` in `out_dir`."
     out_dir = Path(out_dir)
     with atomic_write(out_dir/"loss.csv", newline="") as f:
-        w = csv.writer(f); w.writerow(["step", "loss", "learning_rate"]); w.writerows(rows)
-    fig = Figure(figsize=(5, 3.2)); ax = fig.subplots()
-    ax.plot([r[0] for r in rows], [r[1] for r in rows], marker=".")
-    ax.set_xlabel("step"); ax.set_ylabel("training loss"); ax.set_title("PathoSync training loss"); ax.grid(alpha=.3)
-    fig.tight_layout()
-    with atomic_write(out_dir/"loss.png", "wb") as f: fig.savefig(f, format="png", dpi=100)
+        w = csv.DictWriter(f, fieldnames=LOSS_COLUMNS); w.writeheader(); w.writerows(loss_rows(log_history))
+    with atomic_write(out_dir/"loss.png", "wb") as f: loss_curve_figure(log_history).savefig(f, format="png", dpi=100)
     return out_dir/"loss.csv"
 
 def _resume_arg(cfg, out_dir):
@@ -260,7 +282,7 @@ def _resume_arg(cfg, out_dir):
     if not p.is_dir(): raise PathinsightError(f"checkpoint not found: {p}")
     return str(p)
 
-# %% ../nbs/13_train.ipynb 25
+# %% ../nbs/13_train.ipynb 26
 def training_args(cfg: TrainConfig, out_dir, quiet: bool = True):
     "The `transformers.TrainingArguments` for `cfg` (bf16 / DeepSpeed only on CUDA)."
     import torch
@@ -278,7 +300,8 @@ def training_args(cfg: TrainConfig, out_dir, quiet: bool = True):
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the steps
         weight_decay=cfg.weight_decay, num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
         max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, logging_first_step=True, save_strategy=cfg.save_strategy, save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit, eval_strategy=cfg.eval_strategy, bf16=bf16, use_cpu=not cuda,
+        save_total_limit=cfg.save_total_limit, eval_strategy=cfg.eval_strategy, eval_steps=cfg.eval_steps,
+        prediction_loss_only=True, bf16=bf16, use_cpu=not cuda,  # evaluation needs the loss only, not every batch's logits
         seed=cfg.seed, dataloader_num_workers=cfg.dataloader_num_workers, report_to=cfg.report_to,
         remove_unused_columns=False, label_names=["labels"], deepspeed=ds, disable_tqdm=quiet,
         save_only_model=False,
@@ -294,7 +317,7 @@ def _tiny_base(cfg: TrainConfig, out_dir: Path, examples: list[dict]) -> str:
         while not (base/"config.json").exists(): time.sleep(1)
     return str(base)
 
-# %% ../nbs/13_train.ipynb 26
+# %% ../nbs/13_train.ipynb 27
 def _quiet_console(trainer, quiet: bool):
     "No printed loss dicts: the loss goes into the progress bar (or nowhere visible when quiet); the curve is still written."
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -322,7 +345,7 @@ def _summary(trainer, res, cfg: TrainConfig, fam, out_dir: Path, ds, collator, c
             "samples_per_second": res.metrics.get("train_samples_per_second"), "padding_waste": collator.padding_waste,
             "n_train": len(ds), "n_rejected": len(ds.rejections), "trainable": counts}
 
-# %% ../nbs/13_train.ipynb 27
+# %% ../nbs/13_train.ipynb 28
 def train(cfg: TrainConfig | dict | str | None = None,  # config, dict or YAML/JSON path
           train_examples: list[dict] | None = None,  # examples {image, turns} (default: read `cfg.data`)
           eval_examples: list[dict] | None = None,  # evaluation examples (default: read `cfg.eval_data`)
@@ -340,6 +363,8 @@ def train(cfg: TrainConfig | dict | str | None = None,  # config, dict or YAML/J
         if not cfg.data: raise PathinsightError("no training data: pass train_examples or set `data` in the config")
         train_examples = read_examples(cfg.data, cfg.image_root or None, cfg.seed)
     if eval_examples is None and cfg.eval_data: eval_examples = read_examples(cfg.eval_data, cfg.image_root or None, cfg.seed)
+    if cfg.eval_strategy != "no" and not eval_examples:
+        raise PathinsightError(f"eval_strategy={cfg.eval_strategy!r} needs evaluation data: set eval_data or pass eval_examples")
     if model is None:
         if cfg.tiny: cfg.model = _tiny_base(cfg, out_dir, train_examples)
         model, processor, fam = load_model(cfg.model, cfg.family or None, load_in_4bit=cfg.mode == "qlora", compute_dtype=cfg.compute_dtype or "auto",
@@ -364,7 +389,7 @@ def train(cfg: TrainConfig | dict | str | None = None,  # config, dict or YAML/J
     _save_run(trainer, processor, cfg, fam, out, ds.rejections)
     return {**out, "model": trainer.model, "processor": processor, "log_history": trainer.state.log_history}
 
-# %% ../nbs/13_train.ipynb 31
+# %% ../nbs/13_train.ipynb 32
 def _stop_at(step: int):
     from transformers import TrainerCallback
     class StopAt(TrainerCallback):
@@ -374,7 +399,7 @@ def _stop_at(step: int):
             return control
     return StopAt()
 
-# %% ../nbs/13_train.ipynb 38
+# %% ../nbs/13_train.ipynb 41
 def merge_cmd(adapter: str,  # LoRA output directory written by `pathinsight train` (e.g. RUN/final)
               out: str,  # directory for the merged model (safetensors + processor)
               trust_remote_code: bool = False):  # allow remote-code families
@@ -387,7 +412,7 @@ def merge_cmd(adapter: str,  # LoRA output directory written by `pathinsight tra
     print(f"merged {adapter} into {out}")
     return Path(out)
 
-# %% ../nbs/13_train.ipynb 46
+# %% ../nbs/13_train.ipynb 49
 _FULL_SIZE = dict(gradient_checkpointing=True, save_strategy="epoch", logging_steps=10, group_by_length=True)
 RECIPES = {  # name: TrainConfig keys on top of the paper's defaults
     "llava-1.5-7b-lora": dict(model="llava-hf/llava-1.5-7b-hf", family="llava", mode="lora", lora_r=128, lora_alpha=256, **_FULL_SIZE),
@@ -426,7 +451,7 @@ def recipe_cmd(name: str,  # recipe: llava-1.5-7b-lora | qwen2-vl-7b-full | inte
           f"{cfg.num_train_epochs:g} epochs, max length {cfg.max_length}")
     return Path(out)
 
-# %% ../nbs/13_train.ipynb 52
+# %% ../nbs/13_train.ipynb 55
 def train_cmd(config: str = "",  # YAML/JSON file of TrainConfig keys ('' = defaults)
               data: str = "",  # training data: built dataset, records, {image, turns} rows or an export (llava, sharegpt, messages)
               model: str = "",  # base model: family name, hub id or directory
@@ -475,7 +500,7 @@ def main(argv: list[str] | None = None):
     res = train(cfg)
     return {k: v for k, v in res.items() if k not in ("model", "processor", "log_history")}
 
-# %% ../nbs/13_train.ipynb 53
+# %% ../nbs/13_train.ipynb 56
 if __name__ == "__main__" and "__file__" in globals() and globals()["__file__"].endswith("train.py"):
     try: main()
     except PathinsightError as e: raise SystemExit(f"error: {e}")
