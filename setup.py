@@ -28,6 +28,7 @@ app_requirements = shlex.split(cfg.get('app_requirements', ''))
 qlora_requirements = shlex.split(cfg.get('qlora_requirements', ''))
 tutorial_requirements = shlex.split(cfg.get('tutorial_requirements', ''))
 remote_requirements = shlex.split(cfg.get('remote_requirements', ''))
+deepspeed_requirements = shlex.split(cfg.get('deepspeed_requirements', ''))
 
 setuptools.setup(
     name = cfg['lib_name'],
@@ -41,7 +42,7 @@ setuptools.setup(
     packages = setuptools.find_packages(include=['pathinsight', 'pathinsight.*']),
     include_package_data = True,
     install_requires = requirements,
-    extras_require={ 'dev': dev_requirements, 'app': app_requirements, 'qlora': qlora_requirements, 'tutorial': tutorial_requirements, 'remote': remote_requirements },
+    extras_require={ 'dev': dev_requirements, 'app': app_requirements, 'qlora': qlora_requirements, 'tutorial': tutorial_requirements, 'remote': remote_requirements, 'deepspeed': deepspeed_requirements },
     dependency_links = cfg.get('dep_links','').split(),
     python_requires  = '>=' + cfg['min_python'],
     long_description = open('README.md', encoding='utf-8').read(),

@@ -21,6 +21,7 @@ COMMANDS = {  # subcommand: (module:function, one-line help[, parameters taken a
     "zeroshot": ("pathinsight.clip:zeroshot_cmd", "zero-shot CLIP classification baseline predictions for a built dataset"),
     "train": ("pathinsight.train:train_cmd", "PathoSync: LoRA / QLoRA / full fine-tuning of a vision-language model", ("config",)),
     "recipe": ("pathinsight.train:recipe_cmd", "write a full-size training config (LLaVA-1.5-7B, Qwen2-VL-7B, InternVL3-8B; paper hyperparameters)"),
+    "plan": ("pathinsight.plan:plan_cmd", "will it fit? parameters by part, trainable ones, and memory per GPU for a recipe or model (meta device, offline configs)"),
     "merge": ("pathinsight.train:merge_cmd", "merge a LoRA adapter into its base model and save it"),
     "accelerate-config": ("pathinsight.train:accelerate_config_cmd", "write an accelerate config for DDP, DeepSpeed ZeRO-2/3 or FSDP"),
     "ask": ("pathinsight.infer:ask_cmd", "ask a saved model a question about an image"),

@@ -5,13 +5,15 @@
 # %% ../nbs/12_encode.ipynb 3
 from __future__ import annotations
 from .core import PathinsightError, Rejection, progress
+import json
 from .images import ImageError, load_rgb
 from .models import get_family
 
 # %% auto 0
 __all__ = ['IGNORE', 'EncodeRejected', 'example_image', 'to_messages', 'split_prompt', 'render_chat', 'prompt_text',
            'chat_pieces', 'answer_text', 'image_token_ids', 'encode_example', 'encode_samples', 'flip_rotate',
-           'VLMDataset', 'GroupedSampler', 'padding_waste', 'random_batches', 'VLMCollator', 'encode_prompts']
+           'flip_rotate_pixels', 'VLMDataset', 'GroupedSampler', 'padding_waste', 'random_batches', 'VLMCollator',
+           'encode_prompts']
 
 # %% ../nbs/12_encode.ipynb 6
 IGNORE = -100  # label value the loss ignores
@@ -197,31 +199,77 @@ def encode_samples(example: dict, processor, family=None,  # example {image, tur
     return {"text_input": text, "image": processor.image_transform(img)[None], "length": n}
 
 # %% ../nbs/12_encode.ipynb 25
+def _dihedral_k() -> int:
+    "A random one of the 8 flips/rotations (torch's RNG): bit 2 flips left-right, bits 0-1 count 90-degree turns."
+    import torch
+    return int(torch.randint(0, 8, (1,)))
+
 def flip_rotate(img):
     "Random horizontal flip and 90-degree rotation (tissue has no orientation); uses torch's RNG."
-    import torch
     from PIL import Image
-    k = int(torch.randint(0, 8, (1,)))
+    k = _dihedral_k()
     if k & 4: img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return img.rotate(90 * (k & 3)) if k & 3 else img
 
+def flip_rotate_pixels(pv, k: int | None = None):
+    "The same transform as `flip_rotate` on a (..., H, W) pixel tensor (`k`: which one; default random)."
+    import torch
+    k = _dihedral_k() if k is None else k
+    if k & 4: pv = pv.flip(-1)
+    return torch.rot90(pv, k & 3, (-2, -1)) if k & 3 else pv
+
+def _pixel_fast_path(e: dict, img_size) -> bool:
+    "Can `flip_rotate` act on this encoding's pixels? One square (C, H, W) image and a square source image."
+    pv = e.get("pixel_values")
+    return (pv is not None and pv.dim() == 4 and pv.shape[0] == 1 and pv.shape[-1] == pv.shape[-2]
+            and img_size[0] == img_size[1] and not (set(e) & {"image_grid_thw", "image_sizes", "image_attention_mask"}))
+
 class VLMDataset:
-    "Training examples encoded on access; lengths and rejections computed once up front."
+    "Training examples encoded once (lengths, rejections and the tensors), augmented on access."
     def __init__(self, examples: list[dict], processor, family=None, max_length: int = 2048, image_root=None,
-                 augment=None, show_progress: bool = True):
+                 augment=None, show_progress: bool = True,
+                 cache_mb: float = 2048):  # memory for cached pixel tensors (beyond it, or 0: re-encode on access)
         self.processor, self.family, self.max_length, self.image_root, self.augment = processor, family, max_length, image_root, augment
-        self.examples, self.lengths, self.rejections = [], [], []
+        self.examples, self.lengths, self.rejections, self.encoded = [], [], [], []
+        pixels, used, seen = {}, 0.0, {}  # one pixel tensor per image file; one encoding per (image file, turns): repeats (oversampling) share it
         for i, ex in enumerate(progress(examples, "encode", disable=None if show_progress else True)):
             ex = dict(ex); ex.setdefault("id", str(i))
-            try: e = encode_example(ex, processor, family, max_length, image_root)
+            key = (ex.get("image"), json.dumps(ex.get("turns"), sort_keys=True)) if isinstance(ex.get("image"), str) else None
+            try: e = seen[key] if key in seen else encode_example(ex, processor, family, max_length, image_root)
             except EncodeRejected as r:
                 self.rejections.append(Rejection(str(ex["id"]), ex.get("source", ""), "train", r.reason, r.detail)); continue
+            if key is not None: seen[key] = e
             self.examples.append(ex); self.lengths.append(int(e["length"]) if "length" in e else int(e["input_ids"].shape[0]))
+            kept, mb = self._cacheable(e, ex, pixels, cache_mb - used)
+            self.encoded.append(kept); used += mb
+    def _cacheable(self, e: dict, ex: dict, pixels: dict, room_mb: float) -> tuple:
+        "(the encoding to keep for `ex`, or None to re-encode on access; MiB of new pixel tensors it holds)."
+        import torch
+        if not isinstance(e.get("input_ids"), torch.Tensor) or self.augment not in (None, flip_rotate): return None, 0.0
+        key = str(ex.get("image"))
+        if self.augment is flip_rotate:
+            if key not in pixels: pixels[key] = example_image(ex.get("image"), self.image_root, "example").size
+            if not _pixel_fast_path(e, pixels[key]): return None, 0.0
+        pv = e.get("pixel_values")
+        if pv is None: return e, 0.0
+        if (key, "pv") in pixels and torch.equal(pixels[key, "pv"], pv): return dict(e, pixel_values=pixels[key, "pv"]), 0.0
+        mb = pv.numel() * pv.element_size() / 2**20
+        if mb > room_mb: return None, 0.0
+        pixels[key, "pv"] = pv
+        return e, mb
+    @property
+    def cached(self) -> int:
+        "How many examples are served from the cache."
+        return sum(e is not None for e in self.encoded)
     def __len__(self): return len(self.examples)
     def __getitem__(self, i):
-        return encode_example(self.examples[i], self.processor, self.family, self.max_length, self.image_root, self.augment)
+        e = self.encoded[i]
+        if e is None: return encode_example(self.examples[i], self.processor, self.family, self.max_length, self.image_root, self.augment)
+        e = dict(e)
+        if self.augment is flip_rotate: e["pixel_values"] = flip_rotate_pixels(e["pixel_values"]).contiguous()
+        return e
 
-# %% ../nbs/12_encode.ipynb 26
+# %% ../nbs/12_encode.ipynb 27
 class GroupedSampler:
     "Random batches of similar lengths: shuffle, sort within mega-batches by length bucket, shuffle the batches; seeded by seed+epoch."
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, mega: int = 50, bucket: int = 16):
@@ -254,7 +302,7 @@ def random_batches(n: int, batch_size: int, seed: int = 0) -> list[list[int]]:
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return [idx[j:j + batch_size] for j in range(0, n, batch_size)]
 
-# %% ../nbs/12_encode.ipynb 28
+# %% ../nbs/12_encode.ipynb 29
 class VLMCollator:
     "Pads encoded examples (or encodes raw ones first) into a batch; image inputs are concatenated."
     def __init__(self, processor, family=None, max_length: int = 2048, image_root=None, padding_side: str = "right"):
@@ -294,7 +342,7 @@ class VLMCollator:
             else: out[k] = torch.cat([b[k] for b in batch])
         return out
 
-# %% ../nbs/12_encode.ipynb 33
+# %% ../nbs/12_encode.ipynb 36
 def encode_prompts(processor, family, examples: list[dict],  # processor, family, examples {image, turns}
                    image_root=None) -> dict:  # base of relative image paths
     "The left-padded batch of the examples' prompts (up to the last user turn) with their images."

@@ -23,8 +23,8 @@ _warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is depr
 __all__ = ['LLAVA_TEMPLATE', 'QWEN2VL_TEMPLATE', 'INTERNVL_TEMPLATE', 'FAMILIES', 'DEFAULT_TEXTS', 'read_template', 'Family',
            'get_family', 'tiny_tokenizer', 'tiny_model', 'save_model', 'disable_bnb_cpu_repack',
            'default_compute_dtype', 'model_source', 'check_trust', 'quantization_config', 'load_processor',
-           'load_model', 'model_parts', 'lora_targets', 'inference_device', 'place_model', 'looks_like_hub_id',
-           'load_trained', 'tutorial_model']
+           'load_model', 'model_parts', 'lora_targets', 'part_of', 'inference_device', 'place_model',
+           'looks_like_hub_id', 'load_trained', 'tutorial_model', 'trainable_counts', 'prepare_model']
 
 # %% ../nbs/11_models.ipynb 6
 def read_template(name: str) -> str:
@@ -426,6 +426,17 @@ def lora_targets(model, family: str | Family | None = None,
     return out
 
 # %% ../nbs/11_models.ipynb 36
+def part_of(name: str,  # parameter, module or adapter tensor name
+            family: str | Family) -> str:  # family whose module paths define the parts
+    "The part (vision / projector / lm / lm_head / other) that `name` belongs to, by the family's module paths."
+    fam = get_family(family)
+    n = name.removeprefix("base_model.model.")
+    for k in ("projector", "lm_head", "vision", "lm"):  # the projector first: Qwen2-VL's merger sits inside the vision tower
+        p = getattr(fam, k)
+        if n == p or n.startswith(p + "."): return k
+    return "other"
+
+# %% ../nbs/11_models.ipynb 39
 def inference_device(device: str = "auto") -> str:
     "`device`, or for 'auto' cuda when a GPU is available, else cpu."
     if device != "auto": return device
@@ -465,7 +476,7 @@ def load_trained(path,  # a trained output directory (full model or LoRA adapter
     model.eval()
     return place_model(model, device), processor, fam
 
-# %% ../nbs/11_models.ipynb 42
+# %% ../nbs/11_models.ipynb 45
 def tutorial_model(family: str = "llava",  # model family (see `FAMILIES`)
                    tiny_dir=None,  # where to build the tiny fallback (default: a temporary folder)
                    hub: bool | None = None,  # hub reachable (None: check)
@@ -486,3 +497,42 @@ def tutorial_model(family: str = "llava",  # model family (see `FAMILIES`)
     model, processor, fam = load_trained(src, **kw)
     print(f"{fam.name}: {sum(p.numel() for p in model.parameters()):,} parameters on {next(model.parameters()).device}")
     return model, processor, fam, src
+
+# %% ../nbs/11_models.ipynb 59
+def trainable_counts(model, family=None) -> dict:
+    "Trainable / total parameter counts, overall and per part (vision, projector, lm, lm_head)."
+    parts = model_parts(model, family)
+    P = dict(model.named_parameters())
+    out = {"total": sum(p.numel() for p in P.values()), "trainable": sum(p.numel() for p in P.values() if p.requires_grad)}
+    for k, names in parts.items(): out[k] = sum(P[n].numel() for n in names if P[n].requires_grad)
+    return out
+
+def prepare_model(model, cfg, family=None):  # model, a TrainConfig (or anything with its fields), family
+    "Apply `cfg.mode` and the freeze switches to `model`; returns the (possibly PEFT-wrapped) model."
+    fam = get_family(family or cfg.family or model)
+    lm_head = cfg.train_lm_head if cfg.train_lm_head is not None else cfg.mode == "full"
+    if cfg.mode == "full":
+        for p in model.parameters(): p.requires_grad_(True)
+    else:
+        from peft import LoraConfig, get_peft_model
+        if cfg.mode == "qlora":
+            from peft import prepare_model_for_kbit_training
+            disable_bnb_cpu_repack(model)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        parts = tuple(p for p in cfg.lora_parts if not (p == "vision" and cfg.freeze_vision) and not (p == "projector" and cfg.freeze_projector))
+        targets = lora_targets(model, fam, parts)
+        if not targets: raise PathinsightError(f"no LoRA targets found in {fam.name} for parts {parts}")
+        lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+                        modules_to_save=[fam.lm_head] if lm_head else None, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lc)
+    parts = model_parts(model, fam)
+    P = dict(model.named_parameters())
+    freeze = (parts["vision"] if cfg.freeze_vision else []) + (parts["projector"] if cfg.freeze_projector else [])
+    if not lm_head: freeze += parts["lm_head"]
+    for n in freeze: P[n].requires_grad_(False)
+    if lm_head and cfg.mode == "full":
+        for n in parts["lm_head"]: P[n].requires_grad_(True)
+    if cfg.gradient_checkpointing and cfg.mode != "qlora":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"): model.enable_input_require_grads()
+    return model

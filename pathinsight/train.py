@@ -9,14 +9,14 @@ from dataclasses import dataclass, asdict
 from pathlib import Path
 from .core import (PathinsightError, get_logger, load_config, read_dataset, read_jsonl, write_json,
                               write_jsonl, atomic_write, seed_everything)
-from .models import check_trust, get_family, load_model, model_parts, lora_targets, save_model, disable_bnb_cpu_repack, tiny_model
+from .models import check_trust, get_family, load_model, model_parts, lora_targets, save_model, disable_bnb_cpu_repack, tiny_model, prepare_model, trainable_counts
 from .encode import GroupedSampler, VLMCollator, VLMDataset, flip_rotate
 
 # %% auto 0
-__all__ = ['MODES', 'ACCELERATE_CONFIGS', 'DEEPSPEED_CONFIGS', 'LOSS_COLUMNS', 'RECIPES', 'TrainConfig', 'tiny_recipe',
-           'trainable_counts', 'prepare_model', 'read_examples', 'write_accelerate_config', 'accelerate_config_cmd',
-           'loss_rows', 'loss_curve_figure', 'write_loss_curve', 'training_args', 'train', 'merge_cmd', 'recipe',
-           'recipe_cmd', 'train_cmd', 'main']
+__all__ = ['MODES', 'ACCELERATE_CONFIGS', 'DEEPSPEED_CONFIGS', 'LOSS_COLUMNS', 'MERGE_PARTS', 'RECIPES', 'TrainConfig',
+           'tiny_recipe', 'read_examples', 'write_accelerate_config', 'accelerate_config_cmd', 'loss_rows',
+           'loss_curve_figure', 'write_loss_curve', 'training_args', 'distributed_info', 'train', 'adapter_inventory',
+           'check_adapter', 'probe_batch', 'verify_merge', 'merge_cmd', 'recipe', 'recipe_cmd', 'train_cmd', 'main']
 
 # %% ../nbs/13_train.ipynb 6
 MODES = ("lora", "qlora", "full")
@@ -81,46 +81,7 @@ def tiny_recipe(**overrides) -> TrainConfig:
     d.update(overrides)
     return TrainConfig(**d)
 
-# %% ../nbs/13_train.ipynb 11
-def trainable_counts(model, family=None) -> dict:
-    "Trainable / total parameter counts, overall and per part (vision, projector, lm, lm_head)."
-    parts = model_parts(model, family)
-    P = dict(model.named_parameters())
-    out = {"total": sum(p.numel() for p in P.values()), "trainable": sum(p.numel() for p in P.values() if p.requires_grad)}
-    for k, names in parts.items(): out[k] = sum(P[n].numel() for n in names if P[n].requires_grad)
-    return out
-
-def prepare_model(model, cfg: TrainConfig, family=None):
-    "Apply `cfg.mode` and the freeze switches to `model`; returns the (possibly PEFT-wrapped) model."
-    fam = get_family(family or cfg.family or model)
-    lm_head = cfg.train_lm_head if cfg.train_lm_head is not None else cfg.mode == "full"
-    if cfg.mode == "full":
-        for p in model.parameters(): p.requires_grad_(True)
-    else:
-        from peft import LoraConfig, get_peft_model
-        if cfg.mode == "qlora":
-            from peft import prepare_model_for_kbit_training
-            disable_bnb_cpu_repack(model)
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-        parts = tuple(p for p in cfg.lora_parts if not (p == "vision" and cfg.freeze_vision) and not (p == "projector" and cfg.freeze_projector))
-        targets = lora_targets(model, fam, parts)
-        if not targets: raise PathinsightError(f"no LoRA targets found in {fam.name} for parts {parts}")
-        lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-                        modules_to_save=[fam.lm_head] if lm_head else None, task_type="CAUSAL_LM")
-        model = get_peft_model(model, lc)
-    parts = model_parts(model, fam)
-    P = dict(model.named_parameters())
-    freeze = (parts["vision"] if cfg.freeze_vision else []) + (parts["projector"] if cfg.freeze_projector else [])
-    if not lm_head: freeze += parts["lm_head"]
-    for n in freeze: P[n].requires_grad_(False)
-    if lm_head and cfg.mode == "full":
-        for n in parts["lm_head"]: P[n].requires_grad_(True)
-    if cfg.gradient_checkpointing and cfg.mode != "qlora":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"): model.enable_input_require_grads()
-    return model
-
-# %% ../nbs/13_train.ipynb 15
+# %% ../nbs/13_train.ipynb 14
 def _data_rows(path: Path) -> list:
     if path.suffix == ".json":
         try: rows = json.loads(path.read_text(encoding="utf-8"))
@@ -163,7 +124,7 @@ def read_examples(path,  # built dataset folder, or a jsonl / JSON file of {imag
         out.append({"id": rid, "image": img, "turns": turns, "source": r.get("source", "")})
     return out
 
-# %% ../nbs/13_train.ipynb 20
+# %% ../nbs/13_train.ipynb 19
 _ACC_BASE = {"compute_environment": "LOCAL_MACHINE", "machine_rank": 0, "num_machines": 1, "num_processes": 8,
              "mixed_precision": "bf16", "main_training_function": "main", "rdzv_backend": "static",
              "same_network": True, "use_cpu": False, "gpu_ids": "all", "main_process_ip": None, "main_process_port": None}
@@ -194,23 +155,28 @@ DEEPSPEED_CONFIGS = {
 
 def write_accelerate_config(name: str,  # ddp | zero2 | zero3 | fsdp
                             path,  # YAML file to write
-                            num_processes: int = 8):  # GPUs to use
+                            num_processes: int = 8,  # processes (GPUs, or CPU processes with `cpu`)
+                            cpu: bool = False):  # CPU processes with gloo: use_cpu, no mixed precision (FSDP/DeepSpeed still need GPUs)
     "Write the shipped accelerate config `name` as YAML to `path`."
     import yaml
     if name not in ACCELERATE_CONFIGS: raise PathinsightError(f"unknown accelerate config {name!r} (known: {sorted(ACCELERATE_CONFIGS)})")
     d = dict(ACCELERATE_CONFIGS[name], num_processes=num_processes)
+    # the launcher is chosen by distributed_type (MULTI_CPU would start ONE process without mpirun), so it stays;
+    # use_cpu makes each process a CPU process, which joins a gloo process group
+    if cpu: d.update(use_cpu=True, mixed_precision="no")
     with atomic_write(path) as f: yaml.safe_dump(d, f, sort_keys=True)
     return Path(path)
 
 def accelerate_config_cmd(name: str,  # ddp | zero2 | zero3 | fsdp
                           out: str,  # YAML file to write
-                          num_processes: int = 8):  # number of GPUs
+                          num_processes: int = 8,  # number of GPUs (or CPU processes with --cpu)
+                          cpu: bool = False):  # CPU processes (gloo) instead of GPUs: ddp only trains there
     "Write a shipped accelerate config, for `accelerate launch --config_file OUT -m pathinsight.train --config C`."
-    p = write_accelerate_config(name, out, num_processes)
+    p = write_accelerate_config(name, out, num_processes, cpu=cpu)
     print(f"wrote {p}; run: accelerate launch --config_file {p} -m pathinsight.train --config train.yaml")
     return p
 
-# %% ../nbs/13_train.ipynb 23
+# %% ../nbs/13_train.ipynb 22
 def _callbacks():
     "The loss-in-the-bar progress callback and the last-step logger (transformers imported when training)."
     from transformers.trainer_callback import ProgressCallback, TrainerCallback
@@ -234,11 +200,13 @@ def _trainer_cls():
             super().__init__(*a, **kw); self._lengths, self._group = lengths, group_by_length
         def _get_train_sampler(self, train_dataset=None):
             if self._group and self._lengths and (train_dataset is None or train_dataset is self.train_dataset):
-                return GroupedSampler(self._lengths, self.args.per_device_train_batch_size, seed=self.args.seed)
+                # grouped by the global batch: the launcher deals out consecutive per-device batches to the ranks, so every
+                # step sees the same examples as one process with the whole batch (same order at any world size)
+                return GroupedSampler(self._lengths, self.args.per_device_train_batch_size * self.args.world_size, seed=self.args.seed)
             return super()._get_train_sampler(train_dataset) if train_dataset is not None else super()._get_train_sampler()
     return PathTrainer
 
-# %% ../nbs/13_train.ipynb 24
+# %% ../nbs/13_train.ipynb 23
 LOSS_COLUMNS = ("step", "loss", "learning_rate", "eval_loss")  # the columns of loss.csv
 
 def loss_rows(log_history: list[dict]) -> list[dict]:
@@ -282,18 +250,25 @@ def _resume_arg(cfg, out_dir):
     if not p.is_dir(): raise PathinsightError(f"checkpoint not found: {p}")
     return str(p)
 
-# %% ../nbs/13_train.ipynb 26
+# %% ../nbs/13_train.ipynb 25
+def _deepspeed_config(cfg: TrainConfig):
+    "The DeepSpeed config of `cfg` (a copy of a shipped stage, or a JSON path), None without one; refused without CUDA."
+    import copy, torch
+    if not cfg.deepspeed: return None
+    if not torch.cuda.is_available():
+        raise PathinsightError("DeepSpeed needs CUDA GPUs (accelerate drops DeepSpeed for CPU processes, and without use_cpu it "
+                               "counts one process per rank, so every rank would train on the same data); on CPU use DDP")
+    if cfg.deepspeed in DEEPSPEED_CONFIGS: return copy.deepcopy(DEEPSPEED_CONFIGS[cfg.deepspeed])  # the Trainer fills its "auto" values in place
+    if not Path(cfg.deepspeed).exists(): raise PathinsightError(f"DeepSpeed config not found: {cfg.deepspeed}")
+    return cfg.deepspeed
+
 def training_args(cfg: TrainConfig, out_dir, quiet: bool = True):
-    "The `transformers.TrainingArguments` for `cfg` (bf16 / DeepSpeed only on CUDA)."
+    "The `transformers.TrainingArguments` for `cfg` (bf16 / DeepSpeed only on CUDA); with ZeRO-3, keep it alive while loading the model."
     import torch
     from transformers import TrainingArguments
     cuda = torch.cuda.is_available()
     bf16 = cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
-    ds = None
-    if cfg.deepspeed:
-        if not cuda: raise PathinsightError("DeepSpeed needs CUDA GPUs")
-        ds = DEEPSPEED_CONFIGS.get(cfg.deepspeed) or cfg.deepspeed
-        if isinstance(ds, str) and not Path(ds).exists(): raise PathinsightError(f"DeepSpeed config not found: {ds}")
+    ds = _deepspeed_config(cfg)
     return TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -307,17 +282,40 @@ def training_args(cfg: TrainConfig, out_dir, quiet: bool = True):
         save_only_model=False,
         ddp_find_unused_parameters=True)  # LLaVA reads the vision tower's second-to-last layer: the last one gets no gradient
 
-def _tiny_base(cfg: TrainConfig, out_dir: Path, examples: list[dict]) -> str:
-    "Build (on rank 0; others wait for it) a tiny random model of `cfg`'s family for `examples`; its folder."
+def _tiny_base(cfg: TrainConfig, out_dir: Path, examples: list[dict], args=None) -> str:
+    "Build (on the main process first; the others wait at a barrier) a tiny random model of `cfg`'s family for `examples`; its folder."
+    import contextlib
     base = out_dir/"tiny-base"
-    if int(os.environ.get("RANK", "0")) == 0:
-        if not (base/"config.json").exists():
+    with args.main_process_first(local=False, desc="tiny base model") if args is not None else contextlib.nullcontext():
+        if not (base/"config.json").exists():  # other ranks find it built (a node without the shared folder builds the same seeded model)
             tiny_model(cfg.family or cfg.model, out_dir=base, texts=[t["content"] for ex in examples for t in ex["turns"]], seed=cfg.seed)
-    else:
-        while not (base/"config.json").exists(): time.sleep(1)
     return str(base)
 
-# %% ../nbs/13_train.ipynb 27
+def _check_launcher(trainer=None):
+    "Refuse a run whose launcher asked for FSDP or DeepSpeed that accelerate does not set up (CPU processes): it would silently be plain DDP."
+    import torch
+    for flag, what, on in [("ACCELERATE_USE_FSDP", "FSDP", trainer is not None and trainer.is_fsdp_enabled),
+                           ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", trainer is not None and trainer.is_deepspeed_enabled)]:
+        if os.environ.get(flag, "false").lower() not in ("1", "true", "yes") or on: continue
+        fix = "on CPU use the ddp config (write_accelerate_config('ddp', ..., cpu=True)) or torchrun"
+        if trainer is None and not torch.cuda.is_available():  # checked first thing, before loading anything
+            raise PathinsightError(f"the launcher asked for {what} ({flag}=true) but this process has no CUDA GPU: accelerate runs {what} "
+                                   f"on GPUs only, and CPU processes would train plain DDP under its name; {fix}")
+        if trainer is not None:
+            st = trainer.accelerator.state
+            raise PathinsightError(f"the launcher asked for {what} ({flag}=true) but accelerate set up {st.distributed_type.value} with "
+                                   f"{st.num_processes} process(es) and no {what}; {fix}")
+
+def distributed_info(trainer) -> dict:
+    "How `trainer` runs: world size, accelerate's distributed type, process-group backend, FSDP / DeepSpeed (ZeRO stage)."
+    import torch.distributed as dist
+    st = trainer.accelerator.state
+    ds = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
+    return {"world_size": trainer.args.world_size, "type": st.distributed_type.value,
+            "backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
+            "fsdp": trainer.is_fsdp_enabled, "zero_stage": ds.deepspeed_config.get("zero_optimization", {}).get("stage") if ds else None}
+
+# %% ../nbs/13_train.ipynb 26
 def _quiet_console(trainer, quiet: bool):
     "No printed loss dicts: the loss goes into the progress bar (or nowhere visible when quiet); the curve is still written."
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -328,9 +326,11 @@ def _quiet_console(trainer, quiet: bool):
 
 def _save_run(trainer, processor, cfg: TrainConfig, fam, out: dict, rejections: list):
     "On rank 0: the final model (safetensors), its processor, pathinsight_train.json, rejections and the loss curve."
-    if not trainer.is_world_process_zero(): return
     final = Path(out["final_dir"])
+    # every rank enters save_model: gathering FSDP / ZeRO-3 shards is collective; the Trainer writes on rank 0 only
+    if trainer.is_fsdp_enabled: trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")  # a sharded state dict saves no final weights
     trainer.save_model(str(final))
+    if not trainer.is_world_process_zero(): return
     (final/"training_args.bin").unlink(missing_ok=True)  # a pickle; the run is described in pathinsight_train.json
     processor.save_pretrained(str(final))
     write_json(final/"pathinsight_train.json", {"config": asdict(cfg), "family": fam.name, "base_model": cfg.model,
@@ -345,7 +345,7 @@ def _summary(trainer, res, cfg: TrainConfig, fam, out_dir: Path, ds, collator, c
             "samples_per_second": res.metrics.get("train_samples_per_second"), "padding_waste": collator.padding_waste,
             "n_train": len(ds), "n_rejected": len(ds.rejections), "trainable": counts}
 
-# %% ../nbs/13_train.ipynb 28
+# %% ../nbs/13_train.ipynb 27
 def train(cfg: TrainConfig | dict | str | None = None,  # config, dict or YAML/JSON path
           train_examples: list[dict] | None = None,  # examples {image, turns} (default: read `cfg.data`)
           eval_examples: list[dict] | None = None,  # evaluation examples (default: read `cfg.eval_data`)
@@ -357,6 +357,7 @@ def train(cfg: TrainConfig | dict | str | None = None,  # config, dict or YAML/J
     cfg = cfg if isinstance(cfg, TrainConfig) else load_config(TrainConfig, cfg, **overrides)
     if isinstance(cfg, TrainConfig) and overrides: cfg = TrainConfig(**{**asdict(cfg), **overrides})
     if model is None: check_trust(cfg.model, cfg.family or None, cfg.trust_remote_code)  # before reading data or building anything
+    _check_launcher()  # FSDP / DeepSpeed asked of CPU processes: refused before anything is read or loaded
     seed_everything(cfg.seed); torch.manual_seed(cfg.seed)
     out_dir, quiet = Path(cfg.output_dir), bool(os.environ.get("PATHINSIGHT_QUIET"))
     if train_examples is None:
@@ -365,31 +366,42 @@ def train(cfg: TrainConfig | dict | str | None = None,  # config, dict or YAML/J
     if eval_examples is None and cfg.eval_data: eval_examples = read_examples(cfg.eval_data, cfg.image_root or None, cfg.seed)
     if cfg.eval_strategy != "no" and not eval_examples:
         raise PathinsightError(f"eval_strategy={cfg.eval_strategy!r} needs evaluation data: set eval_data or pass eval_examples")
+    # the arguments come before the model: they join the process group, and with ZeRO-3 their DeepSpeed config (alive as
+    # long as `args`) makes from_pretrained partition the weights while loading (transformers' HfDeepSpeedConfig)
+    args = training_args(cfg, out_dir, quiet)
     if model is None:
-        if cfg.tiny: cfg.model = _tiny_base(cfg, out_dir, train_examples)
+        if cfg.tiny: cfg.model = _tiny_base(cfg, out_dir, train_examples, args)
         model, processor, fam = load_model(cfg.model, cfg.family or None, load_in_4bit=cfg.mode == "qlora", compute_dtype=cfg.compute_dtype or "auto",
                                            trust_remote_code=cfg.trust_remote_code)
     fam = get_family(cfg.family or model)
     if cfg.mode == "qlora" and not any(type(m).__name__ == "Linear4bit" for m in model.modules()):
         raise PathinsightError("qlora mode needs a 4-bit model: load it with load_model(..., load_in_4bit=True)")
+    try:  # the memory plan (pathinsight.plan): printed, with a warning when it will not fit this GPU; quiet for tiny CPU runs
+        from pathinsight.plan import plan_hook
+        plan_hook(cfg, model)
+    except Exception as e: get_logger("pathinsight.train").info(f"memory plan skipped ({type(e).__name__}: {e})")  # never stops training
+    t_prep = time.perf_counter()  # data preparation: every example encoded once (chat template, tokens, image tensors)
     ds = VLMDataset(train_examples, processor, fam, cfg.max_length, augment=flip_rotate if cfg.augment else None, show_progress=not quiet)
     if not len(ds): raise PathinsightError(f"no usable training examples ({len(ds.rejections)} rejected, e.g. {ds.rejections[:1]})")
     eval_ds = VLMDataset(eval_examples, processor, fam, cfg.max_length, show_progress=not quiet) if eval_examples else None
+    prepare_s = time.perf_counter() - t_prep
+    torch.manual_seed(cfg.seed)  # adapters start from the seed alone, however the base came (building a tiny base draws random numbers on rank 0 only)
     model = prepare_model(model, cfg, fam)
     counts = trainable_counts(model, fam)
     get_logger("pathinsight.train").info(f"mode {cfg.mode}: trainable {counts['trainable']:,} / {counts['total']:,} "
                                          + " ".join(f"{k} {counts[k]:,}" for k in ("vision", "projector", "lm", "lm_head")))
     collator = VLMCollator(processor, fam, cfg.max_length)
-    trainer = _trainer_cls()(model=model, args=training_args(cfg, out_dir, quiet), train_dataset=ds, eval_dataset=eval_ds,
+    trainer = _trainer_cls()(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds,
                              data_collator=collator, processing_class=processor, callbacks=callbacks, lengths=ds.lengths,
                              group_by_length=cfg.group_by_length)
+    _check_launcher(trainer)
     _quiet_console(trainer, quiet)
     res = trainer.train(resume_from_checkpoint=_resume_arg(cfg, out_dir))
-    out = _summary(trainer, res, cfg, fam, out_dir, ds, collator, counts)
+    out = {**_summary(trainer, res, cfg, fam, out_dir, ds, collator, counts), "prepare_s": prepare_s, "distributed": distributed_info(trainer)}
     _save_run(trainer, processor, cfg, fam, out, ds.rejections)
     return {**out, "model": trainer.model, "processor": processor, "log_history": trainer.state.log_history}
 
-# %% ../nbs/13_train.ipynb 32
+# %% ../nbs/13_train.ipynb 31
 def _stop_at(step: int):
     from transformers import TrainerCallback
     class StopAt(TrainerCallback):
@@ -399,20 +411,200 @@ def _stop_at(step: int):
             return control
     return StopAt()
 
+# %% ../nbs/13_train.ipynb 40
+MERGE_PARTS = ("vision", "projector", "lm", "lm_head", "other")
+
+def _adapter_family(adapter: Path, info: dict, base: str | None):
+    "The family of an adapter's run: from pathinsight_train.json, else from its base model's config.json."
+    if info.get("family"): return get_family(info["family"])
+    cfg = Path(base or "")/"config.json"
+    if base and cfg.exists(): return get_family(json.loads(cfg.read_text()).get("model_type") or "")
+    raise PathinsightError(f"{adapter}: cannot tell the model family (no pathinsight_train.json; base model {base!r} is not a local folder)")
+
+def _run_trained(info: dict) -> dict | None:
+    "Parameters the run trained per part (None for a part trained in an unknown amount); None when the run is not described."
+    if info.get("trainable"): return {k: info["trainable"].get(k, 0) for k in MERGE_PARTS}
+    c = info.get("config") or {}
+    if c.get("mode") not in ("lora", "qlora"): return None
+    parts = set(c.get("lora_parts", ())) - {p for p, f in (("vision", "freeze_vision"), ("projector", "freeze_projector")) if c.get(f)}
+    if c.get("train_lm_head"): parts.add("lm_head")
+    return {k: None if k in parts else 0 for k in MERGE_PARTS}
+
+def _saved_by(module: str, modules_to_save: list) -> str | None:
+    "The `modules_to_save` entry that `module` or a module above it matches (as peft matches them), or None."
+    segs = module.split(".")
+    prefixes = [".".join(segs[:i]) for i in range(1, len(segs) + 1)]
+    return next((m for m in modules_to_save for c in prefixes if c == m or c.endswith("." + m)), None)
+
 # %% ../nbs/13_train.ipynb 41
+def adapter_inventory(adapter) -> dict:  # LoRA adapter directory (RUN/final)
+    "Per part, what an adapter directory holds (LoRA modules, full tensors, parameters) beside what its run trained; `problems`: what a merge would lose."
+    import math
+    from peft import PeftConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from safetensors import safe_open
+    from pathinsight.models import part_of
+    adapter = Path(adapter)
+    if not (adapter/"adapter_config.json").exists(): raise PathinsightError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
+    if not (adapter/"adapter_model.safetensors").exists(): raise PathinsightError(f"{adapter}: no adapter_model.safetensors")
+    cfg = PeftConfig.from_pretrained(str(adapter))
+    info = json.loads((adapter/"pathinsight_train.json").read_text()) if (adapter/"pathinsight_train.json").exists() else {}
+    base = info.get("base_model") or cfg.base_model_name_or_path
+    fam, mts = _adapter_family(adapter, info, base), list(cfg.modules_to_save or [])
+    parts = {k: {"lora_modules": set(), "full_tensors": [], "adapter_params": 0} for k in MERGE_PARTS}
+    undeclared, saved, outside = {}, set(), []
+    with safe_open(str(adapter/"adapter_model.safetensors"), "pt") as f:
+        for key in f.keys():
+            name = key.removeprefix("base_model.model.")
+            lora = ".lora_" in name  # lora_A / lora_B / lora_magnitude_vector ...
+            module = name.split(".lora_")[0] if lora else name.rpartition(".")[0]
+            hit, k = (None if lora else _saved_by(module, mts)), part_of(module, fam)
+            if lora and not check_target_module_exists(cfg, module):  # peft drops it without a word
+                undeclared.setdefault(k, []).append(name); continue
+            if lora: parts[k]["lora_modules"].add(module)
+            else: parts[k]["full_tensors"].append(name)
+            if not lora and not hit: outside.append(name)  # peft loads it straight into the base weight of that name (checked after merging)
+            saved.add(hit); parts[k]["adapter_params"] += math.prod(f.get_slice(key).get_shape())
+    trained, problems = _run_trained(info), []
+    for k, v in parts.items():
+        v["lora_modules"], v["run_trained_params"] = sorted(v["lora_modules"]), None if trained is None else trained[k]
+        n, held = v["run_trained_params"], v["adapter_params"]
+        if (n and held < n) or (n is None and trained is not None and not held):
+            problems.append(f"{k}: the run trained {'it' if n is None else f'{n:,} parameters there'}, the adapter holds {held:,}")
+        if k in undeclared:
+            problems.append(f"{k}: {len(undeclared[k])} LoRA tensor(s) for modules adapter_config.json does not target "
+                            f"(peft drops them and keeps the base weights), e.g. {undeclared[k][0]}")
+    problems += [f"{part_of(m, fam)}: modules_to_save lists {m!r} but adapter_model.safetensors holds no tensor for it "
+                 f"(peft cannot load the adapter)" for m in mts if m not in saved]
+    return {"adapter": str(adapter), "family": fam.name, "base_model": base, "modules_to_save": mts, "outside_modules_to_save": outside,
+            "problems": problems, "parts": {k: v for k, v in parts.items() if v["adapter_params"] or v["run_trained_params"] or k in undeclared}}
+
+def check_adapter(adapter) -> dict:  # LoRA adapter directory (RUN/final)
+    "`adapter_inventory(adapter)`; a PathinsightError listing what a merge would lose, if anything."
+    inv = adapter_inventory(adapter)
+    if inv["problems"]: raise PathinsightError(f"{adapter}: refusing to merge, trained weights would be lost: " + "; ".join(inv["problems"]))
+    return inv
+
+# %% ../nbs/13_train.ipynb 44
+def probe_batch(processor, family, seed: int = 0) -> dict:
+    "A one-example batch (a random 64-px image, a short question and answer) encoded by `processor`, to compare two models' outputs."
+    import numpy as np
+    from PIL import Image
+    from pathinsight.encode import encode_example
+    img = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    ex = {"id": "merge-probe", "image": img, "turns": [{"role": "user", "content": "What type of tissue is shown?"},
+                                                       {"role": "assistant", "content": "Tumour epithelium."}]}
+    return VLMCollator(processor, family)([encode_example(ex, processor, family)])
+
+def _probe_logits(model, batch):
+    "Float32 CPU logits of `model` on `batch`."
+    import torch
+    dev = next(model.parameters()).device
+    with torch.no_grad(): out = model(**{k: v.to(dev) if hasattr(v, "to") else v for k, v in batch.items()})
+    return out.logits.float().cpu()
+
+def _merged_tensors(inner, adapter_name: str, msd: dict, fam,
+                    loaded: dict | None = None,  # full tensors peft loaded into base weights (outside modules_to_save): name -> the adapter's tensor
+                   ) -> tuple[dict, list, int]:
+    "Per-part counts of the trained tensors checked in the merged state dict `msd`, the problems found, and how many other tensors equal the base."
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+    from pathinsight.models import part_of
+    MISSING, LOST, OFF, CHANGED = ("missing from the merged model", "equal to the base weights: the adapter's delta was lost",
+                                   "not equal to base + adapter", "changed although the adapter does not train it")
+    stats = {k: {"tensors_checked": 0, "changed": 0, "zero_delta": 0} for k in MERGE_PARTS}
+    bad, checked = {w: [] for w in (MISSING, LOST, OFF, CHANGED)}, set()
+    def check(key, base, expected):  # base None: not known (peft loaded the adapter's tensor over it)
+        checked.add(key)
+        if key not in msd: bad[MISSING].append(key); return
+        w = msd[key]; exp = expected.detach().to(w.dtype); base = None if base is None else base.detach().to(w.dtype)
+        if w.shape != exp.shape: bad[OFF].append(f"{key} (shape {tuple(w.shape)}, expected {tuple(exp.shape)})"); return
+        changes, tol = base is None or not torch.equal(exp, base), 1e-6 if w.dtype == torch.float32 else 2 * torch.finfo(w.dtype).eps
+        s = stats[part_of(key, fam)]; s["tensors_checked"] += 1; s["changed" if changes else "zero_delta"] += 1
+        if changes and base is not None and torch.equal(w, base): bad[LOST].append(key)
+        elif not torch.allclose(w.float(), exp.float(), rtol=tol, atol=tol): bad[OFF].append(f"{key} (max |diff| {(w.float() - exp.float()).abs().max():.3g})")
+    for mod, m in inner.named_modules():
+        if isinstance(m, LoraLayer):  # merged weight = base + delta (a bias is left as it was: checked with the untouched tensors)
+            p = m.base_layer.weight
+            with torch.no_grad(): check(f"{mod}.weight", p, (p.float() + m.get_delta_weight(adapter_name).float()).to(p.dtype))
+        elif isinstance(m, ModulesToSaveWrapper):  # merged = the trained copy
+            for pn, p in m.modules_to_save[adapter_name].named_parameters(): check(f"{mod}.{pn}", m.original_module.get_parameter(pn), p)
+    for key, t in (loaded or {}).items(): check(key, None, t)
+    rest = {k.replace(".base_layer.", "."): v for k, v in inner.state_dict().items()
+            if not any(s in k for s in (".lora_", ".original_module.", ".modules_to_save."))}
+    rest = {k: v for k, v in rest.items() if k not in checked}
+    bad[MISSING] += [k for k in rest if k not in msd]
+    bad[CHANGED] = [k for k, v in rest.items() if k in msd and not torch.equal(msd[k], v.to(msd[k].dtype))]
+    problems = []
+    for what, keys in bad.items():
+        by_part = {}
+        for key in keys: by_part.setdefault(part_of(key.split(" ")[0], fam), []).append(key)
+        problems += [f"{k}: {len(ks)} tensor(s) {what}: {', '.join(ks[:3])}{' ...' if len(ks) > 3 else ''}" for k, ks in by_part.items()]
+    return stats, problems, len(rest) - len(bad[CHANGED]) - len([k for k in rest if k not in msd])
+
+# %% ../nbs/13_train.ipynb 45
+def verify_merge(adapter,  # LoRA adapter directory (RUN/final)
+                 merged,  # the merged model (reloaded from where it was saved, to check what was written)
+                 atol: float | None = None,  # largest |Δlogit| allowed on the probe (None: 1e-4 in float32, 2% of the largest logit in 16-bit)
+                 trust_remote_code: bool = False,  # allow remote-code families
+                 inventory: dict | None = None,  # `check_adapter(adapter)`, when already read
+                ) -> dict:
+    "Check `merged` against base + adapter (trained tensors merged, the rest untouched, equal probe logits); its report, or a PathinsightError."
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from safetensors import safe_open
+    from pathinsight.models import load_trained, part_of
+    inv = inventory or check_adapter(adapter)
+    pm, processor, fam = load_trained(adapter, merge=False, trust_remote_code=trust_remote_code, device=None)
+    inner = pm.get_base_model()
+    with safe_open(str(Path(adapter)/"adapter_model.safetensors"), "pt") as f:
+        loaded = {n: f.get_tensor(n if n in f.keys() else "base_model.model." + n) for n in inv["outside_modules_to_save"]}
+    stats, problems, n_rest = _merged_tensors(inner, pm.active_adapter, merged.state_dict(), fam, loaded)
+    applied = {n for n, m in inner.named_modules() if isinstance(m, LoraLayer)}
+    in_file = {m for v in inv["parts"].values() for m in v["lora_modules"]}
+    problems += [f"{part_of(m, fam)}: the adapter's LoRA weights for {m} were not applied" for m in sorted(in_file - applied)]
+    problems += [f"{part_of(m, fam)}: {m} gets LoRA from adapter_config.json but the adapter holds no weights for it" for m in sorted(applied - in_file)]
+    batch = probe_batch(processor, fam)
+    la = _probe_logits(pm, batch)
+    with pm.disable_adapter(): lb = _probe_logits(pm, batch)
+    lm = _probe_logits(merged, batch)
+    fp32 = next(merged.parameters()).dtype == torch.float32
+    tol = atol if atol is not None else 1e-4 if fp32 else 2e-2 * max(1.0, float(la.abs().max()))
+    dmax = float((lm - la).abs().max()) if lm.shape == la.shape else float("inf")
+    if not dmax <= tol: problems.append(f"probe: merged logits differ from base + adapter by max |Δlogit| {dmax:.3g} (atol {tol:g})")
+    if problems: raise PathinsightError(f"{adapter}: the merged model does not reproduce base + adapter: " + "; ".join(problems))
+    return {"adapter": str(adapter), "family": fam.name, "base_model": inv["base_model"], "modules_to_save": inv["modules_to_save"],
+            "outside_modules_to_save": inv["outside_modules_to_save"], "parts": {k: {**v, **stats[k]} for k, v in inv["parts"].items()}, "tensors_checked": sum(s["tensors_checked"] for s in stats.values()),
+            "untouched_tensors_equal_base": n_rest,
+            "probe": {"max_abs_dlogit": dmax, "atol": tol, "adapter_effect_max_abs_dlogit": float((la - lb).abs().max()), "logits_shape": list(la.shape)}}
+
+# %% ../nbs/13_train.ipynb 46
 def merge_cmd(adapter: str,  # LoRA output directory written by `pathinsight train` (e.g. RUN/final)
-              out: str,  # directory for the merged model (safetensors + processor)
-              trust_remote_code: bool = False):  # allow remote-code families
-    "Merge a LoRA adapter into its base model and save the result as a standalone model."
+              out: str,  # directory for the merged model (safetensors + processor + merge_report.json)
+              trust_remote_code: bool = False,  # allow remote-code families
+              atol: float | None = None):  # largest |Δlogit| allowed between merged and base + adapter (default: 1e-4 in float32)
+    "Merge a LoRA adapter into its base model, verify the merge (`verify_merge`) and save it as a standalone model with merge_report.json."
+    import gc, logging
     from pathinsight.core import atomic_dir
     from pathinsight.models import load_trained
-    if not (Path(adapter)/"adapter_config.json").exists(): raise PathinsightError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
+    inv = check_adapter(adapter)  # before merging: every part the run trained has its weights in the adapter
+    print(f"merging {adapter}: " + "; ".join(f"{k} {len(v['lora_modules'])} LoRA modules + {len(v['full_tensors'])} full tensors "
+                                             f"({v['adapter_params']:,} params)" for k, v in inv["parts"].items()))
     model, processor, fam = load_trained(adapter, merge=True, trust_remote_code=trust_remote_code, device=None)
-    with atomic_dir(out) as tmp: save_model(model, processor, tmp)
-    print(f"merged {adapter} into {out}")
+    with atomic_dir(out) as tmp:
+        save_model(model, processor, tmp); del model; gc.collect()
+        quiet = logging.getLogger("transformers.dynamic_module_utils")  # remote code loaded from the temporary folder's name
+        level = quiet.level; quiet.setLevel(logging.ERROR)
+        try: merged, _, _ = load_model(tmp, fam.name, trust_remote_code=trust_remote_code)  # what was written, not what is in memory
+        finally: quiet.setLevel(level)
+        report = verify_merge(adapter, merged, atol, trust_remote_code, inv)
+        write_json(tmp/"merge_report.json", report); del merged
+    p = report["probe"]
+    print(f"merged {adapter} into {out}: {report['tensors_checked']} trained tensors checked, max |Δlogit| {p['max_abs_dlogit']:.2g} (atol {p['atol']:g})")
     return Path(out)
 
-# %% ../nbs/13_train.ipynb 49
+# %% ../nbs/13_train.ipynb 62
 _FULL_SIZE = dict(gradient_checkpointing=True, save_strategy="epoch", logging_steps=10, group_by_length=True)
 RECIPES = {  # name: TrainConfig keys on top of the paper's defaults
     "llava-1.5-7b-lora": dict(model="llava-hf/llava-1.5-7b-hf", family="llava", mode="lora", lora_r=128, lora_alpha=256, **_FULL_SIZE),
@@ -451,7 +643,7 @@ def recipe_cmd(name: str,  # recipe: llava-1.5-7b-lora | qwen2-vl-7b-full | inte
           f"{cfg.num_train_epochs:g} epochs, max length {cfg.max_length}")
     return Path(out)
 
-# %% ../nbs/13_train.ipynb 55
+# %% ../nbs/13_train.ipynb 68
 def train_cmd(config: str = "",  # YAML/JSON file of TrainConfig keys ('' = defaults)
               data: str = "",  # training data: built dataset, records, {image, turns} rows or an export (llava, sharegpt, messages)
               model: str = "",  # base model: family name, hub id or directory
@@ -500,7 +692,7 @@ def main(argv: list[str] | None = None):
     res = train(cfg)
     return {k: v for k, v in res.items() if k not in ("model", "processor", "log_history")}
 
-# %% ../nbs/13_train.ipynb 56
+# %% ../nbs/13_train.ipynb 69
 if __name__ == "__main__" and "__file__" in globals() and globals()["__file__"].endswith("train.py"):
     try: main()
     except PathinsightError as e: raise SystemExit(f"error: {e}")
