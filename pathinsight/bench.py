@@ -684,20 +684,22 @@ def bench_demo(steps: int | None = None,  # training steps (None: the demo's def
                n_per_class: int | None = None,  # synthetic tiles per class (None: the demo's default)
                no_control: bool = False,  # skip the shuffled-label control
                modes: str | None = None,  # tuning modes (None: the demo's default)
+               pretrain_steps: int | None = None,  # vision-encoder pretraining steps (None: the demo's default)
                target_min: float = DEMO_TARGET_MIN,  # the wall-time target, minutes
               ) -> dict:
     "Wall and CPU time of one `pathinsight demo --out TMP` run (the console script in a subprocess), its stage times and targets."
     exe = shutil.which("pathinsight")
     if not exe: raise PathinsightError("the `pathinsight` console script is not on PATH (pip install -e . first)")
     opts = (["--steps", str(steps)] if steps else []) + (["--n-per-class", str(n_per_class)] if n_per_class else []) \
-           + (["--modes", modes] if modes else []) + (["--no-control"] if no_control else [])
+           + (["--modes", modes] if modes else []) + (["--no-control"] if no_control else []) \
+           + (["--pretrain-steps", str(pretrain_steps)] if pretrain_steps is not None else [])
     with tempfile.TemporaryDirectory(prefix="pi-bench-demo-") as d:
         t0 = time.perf_counter()
         p = subprocess.run([exe, "demo", "--out", str(Path(d)/"demo"), *opts], capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if p.returncode: raise PathinsightError(f"pathinsight demo failed ({p.returncode}):\n{p.stderr[-2000:]}")
         summary = json.loads((Path(d)/"demo"/"summary.json").read_text())
-    order = ("data", "base model", "tune", "evaluate", "report")
+    order = ("data", "base model", "tune and evaluate", "report")
     stages = {k: summary["times"][k] for k in sorted(summary["times"], key=lambda k: (order + (k,)).index(k))}
     missed = [f"{t['run']}: {t['target']}" for t in summary.get("targets", []) if not t["met"]]
     res = {"name": "demo", "what": "`pathinsight demo` end to end, one run" + (f" (options {' '.join(opts)})" if opts else " (defaults)"),

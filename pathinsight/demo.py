@@ -13,8 +13,8 @@ from .tutorial import runtime_info
 
 # %% auto 0
 __all__ = ['DEMO_TARGETS', 'DemoConfig', 'demo_data', 'demo_examples', 'oversampled', 'capped_test', 'validation_split',
-           'shuffled_control', 'tune', 'tune_runs', 'evaluate_model', 'demo_targets', 'demo_figures', 'write_report',
-           'run_demo', 'demo_cmd']
+           'image_texts', 'word_targets', 'pooled_image_features', 'pretrain_vision', 'shuffled_control', 'tune',
+           'tune_runs', 'evaluate_model', 'demo_targets', 'demo_figures', 'write_report', 'run_demo', 'demo_cmd']
 
 # %% ../nbs/20_demo.ipynb 6
 @dataclass
@@ -23,16 +23,23 @@ class DemoConfig:
     family: str = "llava"  # tiny model family: llava | qwen2-vl | internvl
     modes: str = "full,lora"  # tuning modes, one Table 2 row each (comma-separated: full, lora, qlora)
     n_per_class: int = 150  # synthetic tiles per class (split by patient: ~80% train, ~20% test; more patients, better held-out accuracy)
+    n_pcam: int = 0  # PCam-like patches (0: 8 per CRC tile class, twice the synth default: the binary task needs more patients)
     size: int = 64  # tile side in pixels (the tiny model's input size)
     test_frac: float = 0.2  # fraction of patients held out for testing
     val_frac: float = 0.1  # fraction of the training patients held out for the validation loss curve
-    steps: int = 2000  # optimiser steps of every run
+    steps: int = 1500  # optimiser steps of every run
     hidden: int = 64  # hidden size of the tiny LM (at 32 it could not tell the tissues apart in scratch runs)
     vision_hidden: int = 64  # hidden size of the tiny vision tower (set apart from the LM: `tiny_model(vision_hidden=)`)
     vision_layers: int = 3  # layers of the vision tower (LLaVA reads the second-to-last: 2 are used)
     patch: int = 8  # vision patch size (64 px / 8 = 64 image tokens)
-    learning_rate: float = 2e-3  # peak learning rate of the tiny recipe
-    oversample: str = "crc=3,pcam=6"  # training records of these task kinds repeated (the class tasks' share of the mix)
+    learning_rate: float = 2e-3  # peak learning rate of the tiny recipe (full fine-tuning and the control)
+    lora_learning_rate: float = 4e-3  # peak learning rate of LoRA/QLoRA runs (adapters take a larger one, as usual)
+    pretrain_steps: int = 4000  # steps pretraining the base model's vision tower and projector on the training images' texts (0: a random tower)
+    pretrain_batch: int = 16  # images per pretraining step
+    pretrain_lr: float = 2e-3  # peak learning rate of the pretraining
+    pretrain_threads: int = 0  # torch threads of that pretraining (0: every core; nothing else runs then)
+    freeze_vision: bool = True  # keep the (pretrained) vision tower frozen while tuning, as LLaVA's instruction tuning does
+    oversample: str = "crc=3,pcam=2,vqa=4"  # training records of these task kinds repeated (their share of the mix)
     test_cap: int = 150  # held-out examples scored per text task kind (caption, vqa, conversation; seeded sample); class tasks: all
     control: bool = True  # also train the shuffled-label control
     clip_keep: float = 0.9  # fraction of caption pairs the CLIP stage keeps
@@ -55,6 +62,7 @@ class DemoConfig:
         "Raise a `PathinsightError` for impossible settings."
         if self.n_per_class < 10: raise PathinsightError(f"n_per_class must be >= 10 for a train/test split, got {self.n_per_class}")
         if self.steps < 1: raise PathinsightError(f"steps must be >= 1, got {self.steps}")
+        if self.pretrain_steps < 0: raise PathinsightError(f"pretrain_steps must be >= 0, got {self.pretrain_steps}")
         bad = [m for m in self.mode_list() if m not in ("full", "lora", "qlora")]
         if bad or not self.mode_list(): raise PathinsightError(f"modes must be full, lora and/or qlora, got {self.modes!r}")
         if not 0 < self.clip_keep <= 1: raise PathinsightError(f"clip_keep must be in (0, 1], got {self.clip_keep}")
@@ -72,7 +80,8 @@ def demo_data(out: Path, cfg: DemoConfig) -> dict:
     from pathinsight.clip import tiny_clip, clip_filter_dataset, ClipConfig
     from pathinsight.core import read_dataset
     from pathinsight.chatml import export_records
-    synth = write_synth(out/"synth", n_per_class=cfg.n_per_class, size=cfg.size, seed=cfg.seed, fmt="png", overwrite=True)
+    synth = write_synth(out/"synth", n_per_class=cfg.n_per_class, size=cfg.size, seed=cfg.seed, fmt="png", overwrite=True,
+                        n_pcam=cfg.n_pcam or 8*cfg.n_per_class)
     stats = build(BuildConfig(sources=synth_specs(synth), test_frac=cfg.test_frac, seed=cfg.seed), out/"dataset", quiet=True)
     n_caps = sum(r["final"] for r in stats["rows"] if r["task"] == "caption")
     clip_dir = tiny_clip(out/"models"/"tiny-clip", image_size=cfg.size, seed=cfg.seed)
@@ -115,6 +124,90 @@ def validation_split(recs: list, frac: float, seed: int = 0) -> tuple[list, list
     return [r for r in recs if r.group not in val], [r for r in recs if r.group in val]
 
 # %% ../nbs/20_demo.ipynb 12
+def image_texts(recs: list) -> dict[str, list[str]]:
+    "Image path -> its texts among `recs` (captions and the answer of each class label): the pairs a tower is pretrained on."
+    out = {}
+    for r in recs:
+        t = [r.caption] if r.caption else []
+        if r.task == "classify" and r.label: t += [a for lab, a in option_answers(r.options).items() if lab == r.label]
+        if t: out.setdefault(r.image, []).extend(t)
+    return out
+
+def word_targets(texts: dict[str, list[str]], tokenizer) -> tuple[list[str], "torch.Tensor"]:
+    "(images, targets): each image's row spreads probability 1 evenly over the distinct tokens of its texts."
+    import torch
+    ims = sorted(texts)
+    y = torch.zeros(len(ims), len(tokenizer))
+    for j, p in enumerate(ims):
+        ids = sorted({i for t in texts[p] for i in tokenizer(t, add_special_tokens=False).input_ids})
+        if not ids: raise PathinsightError(f"the texts of {p} have no tokens: {texts[p]!r}")
+        y[j, ids] = 1 / len(ids)
+    return ims, y
+
+def pooled_image_features(model, inputs: dict):
+    "One vector per image: the mean of the image tokens the LM would read (vision tower, then projector)."
+    import torch
+    f = model.get_image_features(**inputs).pooler_output
+    return torch.stack([x.mean(0) for x in f]) if isinstance(f, (list, tuple)) else f.mean(1)
+
+# %% ../nbs/20_demo.ipynb 14
+def pretrain_vision(model, processor, family: str, recs: list, root,  # model (changed in place), its processor and family, training records, image root
+                    steps: int = 3000,  # optimiser steps (batch `batch_size`)
+                    lr: float = 2e-3,  # peak learning rate (one-cycle: 5% warm-up, then cosine decay)
+                    batch_size: int = 16,  # images per step
+                    seed: int = 0) -> dict:  # seed of the head, the batches and the augmentation
+    "Pretrain the vision tower and projector of `model` to predict the words of each image's texts in `recs`; returns the losses."
+    import torch
+    from PIL import Image
+    from pathinsight.core import progress, seed_everything
+    from pathinsight.encode import flip_rotate, flip_rotate_pixels, _pixel_fast_path
+    from pathinsight.models import part_of, get_family
+    fam = get_family(family)
+    texts = image_texts(recs)
+    if not texts: raise PathinsightError("pretrain_vision: no image–text pairs among the records (captions or class labels)")
+    ims, y = word_targets(texts, processor.tokenizer)
+    def load(p):
+        try: return Image.open(Path(root)/p).convert("RGB")
+        except Exception as e: raise PathinsightError(f"pretrain_vision: cannot read image {p}: {e}") from e
+    images = [load(p) for p in ims]
+    encode = lambda batch: dict(processor.image_processor(images=batch, return_tensors="pt"))
+    first = encode(images[:1])
+    fast = _pixel_fast_path(first, images[0].size)
+    if fast: pixels = torch.cat([encode(images[i:i+64])["pixel_values"] for i in range(0, len(images), 64)])
+    seed_everything(seed)
+    params = [p for n, p in model.named_parameters() if part_of(n, fam) in ("vision", "projector")]
+    dim = pooled_image_features(model, first).shape[-1]
+    head = torch.nn.Linear(dim, y.shape[1])
+    train_params = params + list(head.parameters())
+    for p in model.parameters(): p.requires_grad_(False)
+    for p in params: p.requires_grad_(True)
+    opt = torch.optim.AdamW(train_params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(0.05, 2/steps)) if steps >= 4 else None
+    g = torch.Generator().manual_seed(seed)
+    losses, was_training = [], model.training
+    model.train()
+    for _ in progress(range(steps), desc="pretrain vision", total=steps):
+        idx = torch.randint(0, len(ims), (batch_size,), generator=g)
+        ks = torch.randint(0, 8, (batch_size,), generator=g).tolist()
+        if fast: inputs = {"pixel_values": torch.stack([flip_rotate_pixels(pixels[i], k) for i, k in zip(idx.tolist(), ks)])}
+        else: inputs = encode([_dihedral(images[i], k) for i, k in zip(idx.tolist(), ks)])
+        logp = torch.log_softmax(head(pooled_image_features(model, inputs)), -1)
+        loss = -(logp * y[idx]).sum(-1).mean()
+        opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(train_params, 1.0); opt.step()
+        if sched: sched.step()
+        losses.append(loss.item())
+    for p in model.parameters(): p.requires_grad_(True)
+    model.train(was_training)
+    return {"steps": steps, "images": len(ims), "first_loss": losses[0] if losses else None,
+            "last_loss": sum(losses[-50:])/len(losses[-50:]) if losses else None, "losses": losses}
+
+def _dihedral(img, k: int):
+    "Transform `k` of the 8 flips/rotations of a PIL image (the same numbering as `flip_rotate_pixels`)."
+    from PIL import Image
+    if k & 4: img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return img.rotate(90 * (k & 3)) if k & 3 else img
+
+# %% ../nbs/20_demo.ipynb 18
 def shuffled_control(examples: list[dict], recs: list, seed: int = 0) -> list[dict]:
     "A copy of `examples` whose final answers are permuted across examples of the same task kind."
     from pathinsight.bench import shuffle_answers
@@ -126,45 +219,60 @@ def shuffled_control(examples: list[dict], recs: list, seed: int = 0) -> list[di
         for i, e in zip(idx, shuffle_answers([examples[i] for i in idx], seed)): out[i] = e
     return out
 
-# %% ../nbs/20_demo.ipynb 15
+# %% ../nbs/20_demo.ipynb 21
 def tune(train_examples: list[dict], base_dir, out_dir, cfg: DemoConfig, mode: str = "full",
          eval_examples: list[dict] | None = None) -> dict:
     "Tune the tiny base model in `base_dir` on `train_examples` with the demo recipe in `mode`."
     from pathinsight.train import train, tiny_recipe
     ev = dict(eval_strategy="steps", eval_steps=cfg.eval_every) if eval_examples else {}
     res = train(tiny_recipe(mode=mode, model=str(base_dir), output_dir=str(out_dir), max_steps=cfg.steps,
-                            learning_rate=cfg.learning_rate, seed=cfg.seed, **ev), train_examples, eval_examples)
+                            learning_rate=cfg.lora_learning_rate if mode in ("lora", "qlora") else cfg.learning_rate,
+                            seed=cfg.seed, freeze_vision=cfg.freeze_vision, **ev),
+                train_examples, eval_examples)
     return {k: res[k] for k in ("final_dir", "steps", "first_loss", "last_loss", "train_loss", "samples_per_second", "trainable")}
 
 def _tune_job(args: tuple) -> dict:
-    "`tune` in a worker process with its own thread count and no progress bar; adds the job's wall and CPU seconds."
+    "`tune` (then `evaluate_model` when `test` is given) in a worker process with its own thread count and no progress bar; adds wall and CPU seconds."
     import torch
-    name, examples, eval_examples, base_dir, out_dir, mode, cfg = args
+    name, examples, eval_examples, base_dir, out_dir, mode, cfg, test = args
     cfg = DemoConfig(**cfg)  # sent as a dict: plain data crosses process boundaries from anywhere (a notebook too)
     if cfg.threads: torch.set_num_threads(cfg.threads)
     os.environ["PATHINSIGHT_QUIET"] = "1"
     t0, c0 = time.time(), time.process_time()
     res = tune(examples, base_dir, out_dir, cfg, mode, eval_examples)
-    return {**res, "name": name, "mode": mode, "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
+    res = {**res, "name": name, "mode": mode, "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
+    if test is not None:
+        t1, c1 = time.time(), time.process_time()
+        res["eval"] = evaluate_model(res["final_dir"], name, *test)
+        res["eval_wall_s"], res["eval_cpu_s"] = time.time() - t1, time.process_time() - c1
+    return res
 
 def tune_runs(jobs: dict,  # run name -> (train examples, mode)
-              eval_examples: list[dict], base_dir, models_dir: Path, cfg: DemoConfig) -> dict:
-    "Train every job (side by side in worker processes unless `cfg.workers == 1`); run name -> result."
-    args = [(name, ex, eval_examples, str(base_dir), str(models_dir/name), mode, asdict(cfg)) for name, (ex, mode) in jobs.items()]
+              eval_examples: list[dict], base_dir, models_dir: Path, cfg: DemoConfig,
+              test: tuple | None = None,  # (test records, test examples, dataset dir, eval dir, max new tokens): evaluate each run, and the base
+             ) -> tuple[dict, dict]:
+    "Train (and evaluate) every job, side by side in worker processes unless `cfg.workers == 1`; (run name -> result, run name -> evaluation)."
+    args = [(name, ex, eval_examples, str(base_dir), str(models_dir/name), mode, asdict(cfg), test) for name, (ex, mode) in jobs.items()]
+    base_ev = lambda: {"base": evaluate_model(base_dir, "base", *test)} if test is not None else {}
     workers = cfg.workers or len(args)
-    if workers <= 1: return {a[0]: _tune_job(a) for a in args}
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    import pathinsight.demo as lib  # the worker imports the installed module, not a notebook's __main__
-    out = {}
-    with ProcessPoolExecutor(min(workers, len(args)), mp_context=mp.get_context("spawn")) as ex:
-        futs = {ex.submit(lib._tune_job, a): a[0] for a in args}
-        for f in as_completed(futs):
-            r = out[futs[f]] = f.result()
-            print(f"      {r['name']} ({r['mode']}): {r['steps']} steps in {r['wall_s']:.0f} s, loss {r['first_loss']:.2f} → {r['last_loss']:.3f}", flush=True)
-    return {a[0]: out[a[0]] for a in args}
+    if workers <= 1:
+        ev = base_ev(); out = {a[0]: _tune_job(a) for a in args}
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        import pathinsight.demo as lib  # the worker imports the installed module, not a notebook's __main__
+        out = {}
+        with ProcessPoolExecutor(min(workers, len(args)), mp_context=mp.get_context("spawn")) as pool:
+            futs = {pool.submit(lib._tune_job, a): a[0] for a in args}
+            ev = base_ev()  # the parent scores the untuned base while the workers train
+            for f in as_completed(futs):
+                r = out[futs[f]] = f.result()
+                print(f"      {r['name']} ({r['mode']}): {r['steps']} steps in {r['wall_s']:.0f} s, loss {r['first_loss']:.2f} → {r['last_loss']:.3f}"
+                      + (f"; evaluated in {r['eval_wall_s']:.0f} s" if "eval" in r else ""), flush=True)
+    ev |= {a[0]: out[a[0]].pop("eval") for a in args if "eval" in out[a[0]]}
+    return {a[0]: out[a[0]] for a in args}, ev
 
-# %% ../nbs/20_demo.ipynb 17
+# %% ../nbs/20_demo.ipynb 23
 def evaluate_model(model_dir, name: str, test_recs, test_examples, dataset_dir, out_dir, max_new_tokens: int = 40) -> dict:
     "Greedy predictions (+ the ranked choice on class tasks) of one model, scored; returns its metrics."
     from pathinsight.models import load_trained
@@ -183,7 +291,7 @@ def evaluate_model(model_dir, name: str, test_recs, test_examples, dataset_dir, 
     res["choice_accuracy"] = {k: exact_match_accuracy([r["choice"] for r in v], [r["answer"] for r in v]) for k, v in kinds.items()}
     return res
 
-# %% ../nbs/20_demo.ipynb 19
+# %% ../nbs/20_demo.ipynb 25
 DEMO_TARGETS = (  # (rows, task kind, metric, test, threshold or 'base×N', what it says)
     ("tuned", "crc", "f1_macro", ">=", 0.9, "CRC macro F1"),
     ("tuned", "pcam", "accuracy", ">=", 0.9, "PCam accuracy"),
@@ -221,7 +329,7 @@ def demo_targets(ev: dict,  # run name -> `evaluate_model` result
             out.append({"run": run, "target": label, "value": v, "met": met})
     return out
 
-# %% ../nbs/20_demo.ipynb 22
+# %% ../nbs/20_demo.ipynb 28
 def demo_figures(out: Path, runs: list[str], tuned: str, seed: int = 0) -> dict:
     "gallery.png, confusion.png (base and `tuned`, CRC and PCam) and loss.png of a finished demo run."
     from pathinsight.gallery import gallery_items, plot_gallery, plot_confusions, plot_training_curve
@@ -236,7 +344,7 @@ def demo_figures(out: Path, runs: list[str], tuned: str, seed: int = 0) -> dict:
     figs["loss"] = plot_training_curve(curves, out/"loss.png", title="training (solid) and validation (dashed) loss") and out/"loss.png"
     return figs
 
-# %% ../nbs/20_demo.ipynb 23
+# %% ../nbs/20_demo.ipynb 29
 def _fmt(v): return "–" if v is None else f"{v:.3f}"
 
 def write_report(out: Path, cfg: DemoConfig, summary: dict) -> Path:
@@ -246,7 +354,11 @@ def write_report(out: Path, cfg: DemoConfig, summary: dict) -> Path:
     lines = ["# pathinsight demo report", "",
              f"Synthetic PathEnhanceDS mix, tiny **{cfg.family}** tuned ({', '.join(cfg.mode_list())}) for {cfg.steps} steps "
              f"(seed {cfg.seed}) on {s['device']}; {s['n_train']} training, {s['n_val']} validation and {s['n_test']} held-out "
-             f"test examples ({n_tasks}), split by patient. All models are tiny random models built offline from configs.", "",
+             f"test examples ({n_tasks}), split by patient. All models are tiny models built offline from configs"
+             + (f"; the base model's vision tower and projector were pretrained for {s['pretrain']['steps']} steps to predict the words of "
+                f"{s['pretrain']['images']} training images' captions and class answers (loss {s['pretrain']['first_loss']:.2f} → "
+                f"{s['pretrain']['last_loss']:.2f}), its LM is random" if s.get("pretrain") else ", with random weights")
+             + (", and the tower stayed frozen while tuning." if cfg.freeze_vision else "."), "",
              "## Table 2", "", (out/"table.md").read_text(), "", "Also as [CSV](table.csv) and [LaTeX](table.tex).", "",
              "## Targets", "", "| run | target | value | met |", "|---|---|---:|---|"]
     lines += [f"| {t['run']} | {t['target']} | {_fmt(t['value'])} | {'yes' if t['met'] else '**no**'} |" for t in s["targets"]]
@@ -268,15 +380,15 @@ def write_report(out: Path, cfg: DemoConfig, summary: dict) -> Path:
               "## Time", "", f"Wall {s['wall_s']:.0f} s, CPU {s['cpu_s']:.0f} s (all processes), {cfg.threads or 'default'} torch thread(s) per training process.", "",
               "| stage | wall s |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in s["times"].items()]
-    lines += ["", "| run | mode | steps | wall s | CPU s | loss first → last |", "|---|---|---:|---:|---:|---|"]
-    lines += [f"| {k} | {r['mode']} | {r['steps']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['first_loss']:.2f} → {r['last_loss']:.3f} |"
+    lines += ["", "| run | mode | steps | tuning wall s | tuning CPU s | evaluation wall s | loss first → last |", "|---|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {k} | {r['mode']} | {r['steps']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r.get('eval_wall_s', 0):.0f} | {r['first_loss']:.2f} → {r['last_loss']:.3f} |"
               for k, r in s["runs"].items()]
     lines += ["", "Files: `synth/` tiles, `dataset/` (built, with `table1.md`, `rejections.jsonl`), `dataset-clip/`, "
               "`export/`, `models/` (base, each run, with `loss.csv`), `eval/<run>/` (predictions, metrics, scored rows).", ""]
     with atomic_write(out/"report.md") as f: f.write("\n".join(lines))
     return out/"report.md"
 
-# %% ../nbs/20_demo.ipynb 25
+# %% ../nbs/20_demo.ipynb 31
 def _cpu_s() -> float:
     "CPU seconds of this process and of its waited-for children (the training workers)."
     a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -296,16 +408,16 @@ def run_demo(out="demo_out",  # output directory (created; reused files are over
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     t_all, c_all = time.time(), _cpu_s()
     info = runtime_info(check_hub=False)  # the demo is offline by design: tiny models built from configs
-    times, n = {}, 6
+    times, n = {}, 5
     t = _stage(1, n, "data: synth → build → CLIP filter → ChatML export")
     data = demo_data(out, cfg); times["data"] = time.time() - t
-    t = _stage(2, n, "tiny base model")
+    t = _stage(2, n, "tiny base model" + (f" (vision encoder pretrained {cfg.pretrain_steps} steps)" if cfg.pretrain_steps else ""))
     from pathinsight.core import read_dataset
     from pathinsight.models import tiny_model
     from pathinsight.evaluate import task_kind
     recs, root = read_dataset(data["dataset"], "train")
     train_recs, val_recs = validation_split(recs, cfg.val_frac, cfg.seed)
-    train_recs = oversampled(train_recs, cfg.repeats())
+    pretrain_recs, train_recs = train_recs, oversampled(train_recs, cfg.repeats())
     test_recs, _ = read_dataset(data["dataset"], "test")
     test_recs = capped_test(test_recs, cfg.test_cap, cfg.seed)
     train_ex, test_ex = demo_examples(train_recs, root, cfg.seed), demo_examples(test_recs, root, cfg.seed)
@@ -313,31 +425,40 @@ def run_demo(out="demo_out",  # output directory (created; reused files are over
     val_ex = [val_ex[i] for i in sorted(range(len(val_ex)), key=lambda i: rng_for(cfg.seed, "val-sample", i).random())[:128]]
     texts = list(dict.fromkeys([tt["content"] for e in train_ex + val_ex + test_ex for tt in e["turns"]]
                                + [o for e in train_ex + test_ex for o in e.get("options", [])]))
-    tiny_model(cfg.family, out_dir=out/"models"/"base", texts=texts, image_size=cfg.size, hidden=cfg.hidden,
-               patch=cfg.patch, seed=cfg.seed, vision_hidden=cfg.vision_hidden, vision_layers=cfg.vision_layers)
+    from pathinsight.models import save_model
+    model, proc = tiny_model(cfg.family, texts=texts, image_size=cfg.size, hidden=cfg.hidden, patch=cfg.patch, seed=cfg.seed,
+                             vision_hidden=cfg.vision_hidden, vision_layers=cfg.vision_layers)
+    pre = None
+    if cfg.pretrain_steps:  # the training patients' images only: never a validation or test image
+        nt = torch.get_num_threads(); torch.set_num_threads(cfg.pretrain_threads or os.cpu_count() or 1)
+        try: pre = pretrain_vision(model, proc, cfg.family, pretrain_recs, root, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
+                                   batch_size=cfg.pretrain_batch, seed=cfg.seed)
+        finally: torch.set_num_threads(nt)
+        pre = {k: v for k, v in pre.items() if k != "losses"}
+    save_model(model.eval(), proc, out/"models"/"base")
     times["base model"] = time.time() - t
     jobs = {m: (train_ex, m) for m in cfg.mode_list()}
     if cfg.control: jobs["control"] = (shuffled_control(train_ex, train_recs, cfg.seed), "full")
-    t = _stage(3, n, f"tune {', '.join(jobs)} ({cfg.steps} steps each" + (", side by side)" if (cfg.workers or len(jobs)) > 1 else ")"))
-    runs = tune_runs(jobs, val_ex, out/"models"/"base", out/"models", cfg)
-    times["tune"] = time.time() - t
-    t = _stage(4, n, f"evaluate base, {', '.join(runs)} on {len(test_ex)} held-out examples")
+    side = (cfg.workers or len(jobs)) > 1
+    t = _stage(3, n, f"tune {', '.join(jobs)} ({cfg.steps} steps each{', side by side' if side else ''}), then evaluate each "
+                     f"and the base on {len(test_ex)} held-out examples")
+    runs, ev = tune_runs(jobs, val_ex, out/"models"/"base", out/"models", cfg,
+                         test=(test_recs, test_ex, data["dataset"], str(out/"eval"), cfg.max_new_tokens))
+    times["tune and evaluate"] = time.time() - t
     dirs = {"base": out/"models"/"base", **{k: Path(r["final_dir"]) for k, r in runs.items()}}
-    ev = {k: evaluate_model(v, k, test_recs, test_ex, data["dataset"], out/"eval", cfg.max_new_tokens) for k, v in dirs.items()}
-    times["evaluate"] = time.time() - t
-    t = _stage(5, n, "Table 2 and figures")
+    t = _stage(4, n, "Table 2 and figures")
     from pathinsight.evaluate import table_cmd
     import contextlib, io
     with contextlib.redirect_stdout(io.StringIO()): table_cmd([str(out/"eval"/k) for k in dirs], out=str(out))
     tuned = cfg.mode_list()
     demo_figures(out, list(runs), tuned[0], cfg.seed)
     times["report"] = time.time() - t
-    _stage(6, n, "report.md")
+    _stage(5, n, "report.md")
     targets = demo_targets(ev, tuned)
     summary = {"config": asdict(cfg), "device": info["device"] + (f" ({info['gpu']})" if info["gpu"] else ""), "times": times,
                "n_train": len(train_ex), "n_val": len(val_ex), "n_test": len(test_ex),
                "n_test_by_kind": dict(sorted(Counter(task_kind(r) for r in test_recs).items())), "runs": runs,
-               "eval": ev, "targets": targets, "targets_met": all(t["met"] for t in targets),
+               "eval": ev, "targets": targets, "targets_met": all(t["met"] for t in targets), "pretrain": pre,
                "data": {"dataset": data["dataset"], "n_export": getattr(data["export"], "n_written", len(train_recs)),
                         "clip_counts": data["clip"].get("counts", {})}}
     summary["wall_s"], summary["cpu_s"] = time.time() - t_all, _cpu_s() - c_all
@@ -352,12 +473,13 @@ def run_demo(out="demo_out",  # output directory (created; reused files are over
     print(f"report: {out/'report.md'}")
     return summary
 
-# %% ../nbs/20_demo.ipynb 27
+# %% ../nbs/20_demo.ipynb 33
 def demo_cmd(out: str = "demo_out",  # output directory
              family: str = "llava",  # tiny model family: llava | qwen2-vl | internvl
              modes: str = "full,lora",  # tuning modes, one Table 2 row each (comma-separated: full, lora, qlora)
-             steps: int = 2000,  # training steps of every run
+             steps: int = 1500,  # training steps of every run
              n_per_class: int = 150,  # synthetic tiles per class
+             pretrain_steps: int = 4000,  # steps pretraining the base model's vision encoder (0: a random tower)
              seed: int = 0,  # seed of every stage
              no_control: bool = False,  # skip the shuffled-label control
              threads: int = 1,  # torch threads per training process (0: torch's default)
@@ -366,5 +488,5 @@ def demo_cmd(out: str = "demo_out",  # output directory
     "Run the whole pipeline end to end on the embedded synthetic data and write report.md."
     import datasets, transformers
     datasets.disable_progress_bars(); transformers.utils.logging.disable_progress_bar()  # the stages print their own progress
-    return run_demo(out, DemoConfig(family=family, modes=modes, steps=steps, n_per_class=n_per_class, seed=seed,
+    return run_demo(out, DemoConfig(family=family, modes=modes, steps=steps, n_per_class=n_per_class, seed=seed, pretrain_steps=pretrain_steps,
                                     control=not no_control, threads=threads, workers=workers))
