@@ -21,10 +21,10 @@ from .clip import ClipConfig, clip_filter_records
 # %% auto 0
 __all__ = ['PAPER_CAPS', 'PAPER_RECIPE', 'PAPER_TABLE1', 'SourceSpec', 'BuildConfig', 'synth_specs', 'fill_data_dir',
            'scale_config', 'build_config', 'paper_config', 'input_hash', 'load_all', 'sample_balanced', 'group_split',
-           'count_leaks', 'encode_png', 'materialise_image', 'table1', 'build_stats', 'table1_beside_paper',
-           'clip_filter_sources', 'resolve_specs', 'count_records', 'ImageStager', 'clean_sources', 'rejection_rows',
-           'source_warnings', 'sample_sources', 'assign_splits', 'store_images', 'save_splits', 'write_reports',
-           'build', 'build_cmd']
+           'count_leaks', 'untested_tasks', 'encode_png', 'materialise_image', 'table1', 'build_stats',
+           'table1_beside_paper', 'clip_filter_sources', 'resolve_specs', 'count_records', 'ImageStager',
+           'clean_sources', 'rejection_rows', 'source_warnings', 'sample_sources', 'assign_splits', 'store_images',
+           'save_splits', 'write_reports', 'build', 'build_cmd']
 
 # %% ../nbs/08_build.ipynb 6
 PAPER_CAPS = {"bladder/caption": 14300, "openpath/caption": 8900, "pcam/classify": 10000, "crc/classify": 7200,
@@ -244,6 +244,18 @@ def count_leaks(records: list, clusters: dict) -> int:
         for k in (("g", r.source, r.group or r.id), ("c", clusters.get(r.image, r.image))):
             sides.setdefault(k, set()).add(r.split)
     return sum(len(v) > 1 for v in sides.values())
+
+def untested_tasks(records: list, test_frac: float) -> list[str]:
+    "Warnings naming each source's task (and label set) with records but none in the test split: it cannot be scored held out."
+    from pathinsight.core import label_set_name
+    if test_frac <= 0: return []
+    n, t = {}, {}
+    for r in records:
+        k = (r.source, r.task, label_set_name(r.options) if r.options else "")
+        n[k] = n.get(k, 0) + 1; t[k] = t.get(k, 0) + (r.split == "test")
+    return [f"source {s!r}, task {k!r}{f' ({ls} labels)' if ls else ''}: none of its {n[(s, k, ls)]} records is in the test split "
+            f"(its groups, joined by shared images, are too few or too large for test_frac={test_frac}, or another label set "
+            f"of the same task filled the target); it cannot be evaluated held out" for s, k, ls in sorted(n) if not t[(s, k, ls)]]
 
 # %% ../nbs/08_build.ipynb 22
 _COPY_EXTS = {".tif": ".tif", ".tiff": ".tif", ".png": ".png", ".jpg": ".jpg", ".jpeg": ".jpg"}
@@ -512,7 +524,10 @@ def build(config=None,  # BuildConfig, dict, YAML/JSON path, or None (the embedd
             shutil.rmtree(tmp/".staged", ignore_errors=True)
             fp = _fingerprint(final, image_hashes)
             save_splits(final, tmp, fp, out, cfg.test_frac)
-            stats = {**build_stats(original, count_records(kept), final, rej_rows, leaks, fp, skipped), "warnings": warns}
+            untested = untested_tasks(final, cfg.test_frac)
+            for w in untested: get_logger().warning(w)
+            stats = {**build_stats(original, count_records(kept), final, rej_rows, leaks, fp, skipped), "warnings": warns,
+                     "untested": untested}
             write_reports(tmp, stats, rej_rows, {
                 "pathinsight_version": pathinsight.__version__, "datasets_version": datasets.__version__, "seed": seed,
                 "config": asdict(cfg), "inputs": inputs, "fingerprint": fp,
