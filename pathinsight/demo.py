@@ -190,7 +190,7 @@ def pretrain_vision(model, processor, family: str, recs: list, root,  # model (c
         idx = torch.randint(0, len(ims), (batch_size,), generator=g)
         ks = torch.randint(0, 8, (batch_size,), generator=g).tolist()
         if fast: inputs = {"pixel_values": torch.stack([flip_rotate_pixels(pixels[i], k) for i, k in zip(idx.tolist(), ks)])}
-        else: inputs = encode([_dihedral(images[i], k) for i, k in zip(idx.tolist(), ks)])
+        else: inputs = encode([flip_rotate(images[i], k) for i, k in zip(idx.tolist(), ks)])
         logp = torch.log_softmax(head(pooled_image_features(model, inputs)), -1)
         loss = -(logp * y[idx]).sum(-1).mean()
         opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(train_params, 1.0); opt.step()
@@ -200,12 +200,6 @@ def pretrain_vision(model, processor, family: str, recs: list, root,  # model (c
     model.train(was_training)
     return {"steps": steps, "images": len(ims), "first_loss": losses[0] if losses else None,
             "last_loss": sum(losses[-50:])/len(losses[-50:]) if losses else None, "losses": losses}
-
-def _dihedral(img, k: int):
-    "Transform `k` of the 8 flips/rotations of a PIL image (the same numbering as `flip_rotate_pixels`)."
-    from PIL import Image
-    if k & 4: img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return img.rotate(90 * (k & 3)) if k & 3 else img
 
 # %% ../nbs/20_demo.ipynb 18
 def shuffled_control(examples: list[dict], recs: list, seed: int = 0) -> list[dict]:

@@ -204,10 +204,10 @@ def _dihedral_k() -> int:
     import torch
     return int(torch.randint(0, 8, (1,)))
 
-def flip_rotate(img):
-    "Random horizontal flip and 90-degree rotation (tissue has no orientation); uses torch's RNG."
+def flip_rotate(img, k: int | None = None):
+    "Horizontal flip and 90-degree rotation `k` of 8 (tissue has no orientation); default random, from torch's RNG."
     from PIL import Image
-    k = _dihedral_k()
+    k = _dihedral_k() if k is None else k
     if k & 4: img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return img.rotate(90 * (k & 3)) if k & 3 else img
 
